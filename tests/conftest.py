@@ -9,10 +9,8 @@ import pytest
 #: every backend that the shared, parametrised checks run on (skipped where unavailable)
 BACKENDS = ["torch-cpu", "jax-cpu"]
 
-GOLDEN_DIR = os.environ.get(
-    "EPBENCH_GOLDEN_DIR",
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden"),
-)
+#: reference outputs of the official code (a copy of shared/golden, see its README.md)
+GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "data", "golden")
 
 
 def load_backend(name: str):
