@@ -123,17 +123,23 @@ def build_registry(strict: bool | None = None) -> Registry:
                 raise EpbenchError(f"plugin '{ep.name}' ({ep.value}) failed to load: {info.error}") from exc
             warnings.warn(f"epbench: skipping plugin '{ep.name}' ({ep.value}): {info.error}",
                           PluginWarning, stacklevel=2)
-    backends = _collect(pm, "epbench_backends", infos, strict)
-    datasets = _collect(pm, "epbench_datasets", infos, strict)
+    trace = _env_flag("EPBENCH_TRACE_PLUGINS")
+    backends = _collect(pm, "epbench_backends", infos, strict, trace)
+    datasets = _collect(pm, "epbench_datasets", infos, strict, trace)
     return Registry(pm, infos, backends, datasets)
 
 
-def _collect(pm: pluggy.PluginManager, hook_name: str, infos: list[PluginInfo], strict: bool) -> dict:
+def _collect(pm: pluggy.PluginManager, hook_name: str, infos: list[PluginInfo], strict: bool,
+             trace: bool = False) -> dict:
+    """Call ``hook_name`` on each plugin separately, so that one failing plugin is isolated and
+    every registered item is attributed to the plugin that registered it."""
     by_plugin = {info.entry_point: info for info in infos}
     found: dict = {}
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
         plugin_name = pm.get_name(impl.plugin)
         info = by_plugin.get(plugin_name)
+        if trace:
+            print(f"[epbench trace] {plugin_name}.{hook_name}()", file=sys.stderr)
         try:
             items = impl.function() or []
         except Exception as exc:  # noqa: BLE001
@@ -144,6 +150,9 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, infos: list[PluginInfo], 
             if info:
                 info.error = message
             continue
+        if trace:
+            print(f"[epbench trace] {plugin_name}.{hook_name} -> {[getattr(i, 'name', i) for i in items]}",
+                  file=sys.stderr)
         for item in items:
             name = getattr(item, "name", "")
             if not name or name in found:

@@ -1,0 +1,248 @@
+"""The ``epbench`` command line.
+
+Bad input (suite, option, backend or dataset name, missing data) ends with one line on stderr
+and exit status 2, never a traceback. Importing this module imports neither torch nor jax.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import warnings
+
+import click
+
+from epbench import __version__
+from epbench.errors import EpbenchError
+
+log = logging.getLogger("epbench")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+    click.echo(f"warning: {message}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="epbench")
+@click.option("-v", "--verbose", count=True, help="More output (-vv: tracebacks on errors).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and the final result path.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """epbench: check that Equilibrium Propagation's updates match BPTT's gradients, train both
+    from the same weights, and time implementations across frameworks and hardware."""
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = -1 if quiet else verbose
+    logging.basicConfig(level=logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO),
+                        format="%(message)s", stream=sys.stderr)
+    warnings.showwarning = _show_warning
+
+
+def _registry():
+    from epbench.plugins import registry
+
+    return registry()
+
+
+# ----- run ---------------------------------------------------------------------------------
+@cli.command()
+@click.argument("suite")
+@click.option("--backend", "-b", default="torch-cpu", show_default=True, help="Backend name (see `epbench backends`).")
+@click.option("--dataset", help="Dataset for every experiment that reads one (see `epbench data`).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Folder holding the dataset files.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs of every training experiment.")
+@click.option("--trials", type=click.IntRange(min=1), help="Trials of every experiment.")
+@click.option("--quick", is_flag=True, help="Smoke run: 1 trial; GDU T<=200, K<=20, batch<=8; "
+              "training 1 epoch on mnist-5k, <=1000 train / 500 test samples.")
+@click.option("--only", multiple=True, help="Run only this experiment (repeatable).")
+@click.option("--include-heavy", is_flag=True, help="Run experiments marked heavy on CPU backends too.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Override a field of every experiment (e.g. phase.dtype=float64; NAME.key=value for one).")
+@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="Folder under which the run directory is created.")
+@click.option("--no-report", is_flag=True, help="Do not render report.md and figures.")
+@click.pass_context
+def run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, include_heavy, assignments, out, no_report):
+    """Run SUITE (a YAML file, or the name of a bundled suite such as table3)."""
+    from epbench.runner import RunOptions, run_suite
+    from epbench.suites import load_suite, parse_assignment, resolve_suite_path
+
+    path = resolve_suite_path(suite)
+    parsed = [parse_assignment(a) for a in assignments]
+    loaded, digest = load_suite(path, parsed)
+    if dataset:
+        _registry().dataset(dataset)
+    _registry().backend(backend)
+    opts = RunOptions(backend=backend, out=out, dataset=dataset, epochs=epochs, trials=trials, quick=quick,
+                      include_heavy=include_heavy, only=tuple(only), data_dir=data_dir,
+                      overrides=tuple(assignments), command=shlex.join(["epbench", *sys.argv[1:]]))
+    verbose = ctx.obj["verbose"]
+    run_dir = _run_with_progress(loaded, str(path), digest, opts, verbose)
+    if not no_report:
+        from epbench.report import render_report
+
+        report = render_report(run_dir)
+        if verbose >= 0:
+            click.echo(f"report: {report}")
+    click.echo(str(run_dir))
+
+
+def _run_with_progress(suite, path, digest, opts, verbose):
+    from epbench.runner import run_suite
+
+    if verbose < 0 or not sys.stderr.isatty():
+        def progress(message, _done, _total):
+            if verbose >= 0:
+                click.echo(message, err=True)
+
+        return run_suite(suite, path, digest, opts, progress)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        task = bar.add_task(f"{suite.name} on {opts.backend}", total=None)
+
+        def progress(message, done, total):
+            if total:
+                bar.update(task, completed=done, total=total, description=message)
+            elif verbose > 0 or message.startswith("skipping"):
+                console.print(message)
+
+        return run_suite(suite, path, digest, opts, progress)
+
+
+# ----- discovery ---------------------------------------------------------------------------
+@cli.command()
+@click.option("--probe", is_flag=True, help="Import each framework and query its devices (slower).")
+def backends(probe):
+    """List the registered backends: name, version, availability, device."""
+    from rich.console import Console
+    from rich.table import Table
+
+    reg = _registry()
+    table = Table("backend", "plugin", "framework", "available", "device / reason")
+    plugin_of = {name: info for info in reg.plugins for name in info.registers}
+    for name in sorted(reg.backends):
+        backend = reg.backends[name]
+        info = plugin_of.get(name)
+        try:
+            avail = backend.availability(probe=probe)
+        except Exception as exc:  # noqa: BLE001 - a third-party probe must not break the listing
+            from epbench.backend import Availability
+
+            avail = Availability(False, f"availability check failed: {exc}")
+        version = backend.framework_version()
+        table.add_row(name, f"{info.distribution} {info.version}" if info else "?",
+                      f"{backend.framework} {version}".strip(), "yes" if avail.ok else "no",
+                      avail.device if avail.ok else avail.reason)
+    Console(width=140).print(table)
+
+
+@cli.command()
+def plugins():
+    """List the loaded plugins: distribution, version, hooks and what each registers."""
+    from rich.console import Console
+    from rich.table import Table
+
+    reg = _registry()
+    table = Table("entry point", "module", "distribution", "hooks", "registers", "status")
+    for info in reg.plugins:
+        table.add_row(info.entry_point, info.module, f"{info.distribution} {info.version}".strip(),
+                      ", ".join(info.hooks), ", ".join(info.registers), info.error or "ok")
+    Console(width=160).print(table)
+
+
+@cli.command()
+def suites():
+    """List the bundled suites."""
+    import yaml
+
+    from epbench.suites import bundled_suites_dir
+
+    folder = bundled_suites_dir()
+    if folder is None:
+        raise EpbenchError("no bundled suites folder found (set EPBENCH_SUITES)")
+    for path in sorted(folder.glob("*.y*ml")):
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            raw = {}
+        n = len(raw.get("experiments") or [])
+        click.echo(f"{path.stem:<12} {n:>3} experiments  {raw.get('description', '').strip().splitlines()[0] if raw.get('description') else ''}")
+        click.echo(f"{'':<12} {path}")
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Folder holding the dataset files.")
+@click.pass_context
+def data(ctx, data_dir):
+    """List the datasets and where each was found; `data download NAME` fetches one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    reg = _registry()
+    for name in sorted(reg.datasets):
+        info = reg.datasets[name].info(data_dir)
+        where = info.get("location") if info.get("found") else f"not found: {info.get('reason', '')}"
+        click.echo(f"{name:<14} {where}")
+
+
+@data.command("download")
+@click.argument("name")
+@click.option("--dest", type=click.Path(file_okay=False), help="Target folder (default: the per-user cache).")
+def data_download(name, dest):
+    """Download NAME (mnist, fashion-mnist) and verify its checksums."""
+    from epbench.datasets.download import download
+
+    _registry().dataset(name)
+    click.echo(str(download(name, dest)))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+def report(run_dir):
+    """Re-render RUN_DIR's report.md and figures from its results table."""
+    from pathlib import Path
+
+    from epbench.report import render_report
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise EpbenchError(f"{run_dir}: no such run directory")
+    if not ((path / "results.parquet").exists() or (path / "results.csv").exists()):
+        raise EpbenchError(f"{run_dir}: not a run directory (no results.parquet or results.csv)")
+    click.echo(str(render_report(path)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one-line errors with exit status 2 for bad input."""
+    args = sys.argv[1:] if argv is None else argv
+    verbose = sum(a.count("v") for a in args if a.startswith("-") and not a.startswith("--") and set(a[1:]) <= {"v"})
+    try:
+        cli.main(args=args, prog_name="epbench", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except EpbenchError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - unexpected: a bug, not bad input
+        if verbose > 1:
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (run with -vv for the traceback)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Figures of a run, drawn from the tidy results table (see :mod:`epbench.results`).
+
+Every function takes the table (already filtered as needed) and an output path stem, saves
+``<stem>.png`` and ``<stem>.svg`` and returns the :class:`matplotlib.figure.Figure`. Figures are
+built without pyplot (Agg canvas, no global state), so they work headless and in threads;
+``close=True`` empties the figure after saving to free its memory at once.
+
+Data lines carry ``gid='data'``; faint reference lines ``gid='reference'``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from epbench.results import atomic_write_bytes
+
+ALGO_LABEL = {"ep": "EP", "bptt": "BPTT"}
+ALGO_COLOR = {"ep": "tab:blue", "bptt": "tab:orange"}
+PROCESS_LABEL = {"ep": "ΔEP", "bptt": "−∇BPTT"}
+PROCESS_STYLE = {"ep": "-", "bptt": "--"}
+RELMSE_LABEL = "RelMSE(ΔEP, −∇BPTT) (ratio of RMS norms)"
+
+
+# ----- helpers ----------------------------------------------------------------------------------
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, stem: str | os.PathLike, close: bool = False) -> list[Path]:
+    """Write ``stem.png`` and ``stem.svg`` atomically (deterministic SVG); return the paths."""
+    stem = Path(stem)
+    paths = []
+    with matplotlib.rc_context({"svg.hashsalt": "epbench", "svg.fonttype": "path"}):
+        for fmt, meta in (("png", {"Software": None}), ("svg", {"Date": None})):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=fmt, metadata=meta)
+            path = stem.with_name(stem.name + "." + fmt)
+            atomic_write_bytes(path, buffer.getvalue())
+            paths.append(path)
+    if close:
+        fig.clear()
+    return paths
+
+
+def _values(df: pd.DataFrame, column: str) -> list:
+    if column not in df or df.empty:
+        return []
+    return sorted({v for v in df[column].tolist() if v not in ("", None) and not (isinstance(v, float) and math.isnan(v))
+                   and v != -1}, key=str)
+
+
+def _fmt_set(values: list) -> str:
+    if not values:
+        return "?"
+    if all(isinstance(v, (int, float, np.integer, np.floating)) for v in values):
+        values = sorted(values)
+        text = [f"{v:g}" for v in values]
+        return text[0] if len(text) == 1 else (", ".join(text) if len(text) <= 4 else f"{text[0]}…{text[-1]}")
+    return ", ".join(str(v) for v in values)
+
+
+def settings_text(df: pd.DataFrame, keys=("T", "K", "beta", "dataset", "backend", "dtype")) -> str:
+    """'T=100 · K=12 · β=0.5 · mnist · torch-cpu · float32' from the distinct values of ``df``."""
+    names = {"T": "T=", "K": "K=", "beta": "β=", "epochs": "epochs=", "batch_size": "batch="}
+    parts = []
+    for key in keys:
+        vals = _values(df, key)
+        if vals:
+            parts.append(names.get(key, "") + _fmt_set(vals))
+    return " · ".join(parts)
+
+
+def _layer_order(name: str) -> tuple:
+    """s0, s1, ... then W01, W12, ..., W1x, ... then biases: output side first."""
+    kind = {"s": 0, "W": 1, "b": 2}.get(name[:1], 3)
+    digits = "".join(ch for ch in name[1:] if ch.isdigit())
+    return (kind, int(digits[:1]) if digits else 99, name.endswith("x"), name)
+
+
+def sort_layers(names) -> list[str]:
+    return sorted(set(names), key=_layer_order)
+
+
+# ----- training curves (Figs 17-22) -----------------------------------------------------------
+def training_curves(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False) -> Figure:
+    """Train and test error (%) per epoch, mean ± std over trials, EP beside BPTT.
+
+    One row per experiment, columns train | test; each axes holds one line per algorithm.
+    """
+    df = df[df["metric"].isin(["train_error", "test_error"])]
+    experiments = list(dict.fromkeys(df["experiment"]))
+    rows = max(1, len(experiments))
+    fig = _new_figure(10, 2.9 * rows)
+    axes = fig.subplots(rows, 2, squeeze=False)
+    for r, exp in enumerate(experiments or [None]):
+        sub = df[df["experiment"] == exp] if exp is not None else df
+        for c, metric in enumerate(("train_error", "test_error")):
+            ax = axes[r][c]
+            part = sub[sub["metric"] == metric]
+            for algo in ("ep", "bptt"):
+                rows_a = part[part["algorithm"] == algo]
+                if rows_a.empty:
+                    continue
+                stats = rows_a.groupby("epoch")["value"].agg(["mean", "std", "count"]).sort_index()
+                x = stats.index.to_numpy()
+                mean = stats["mean"].to_numpy()
+                std = stats["std"].fillna(0.0).to_numpy()
+                ax.plot(x, mean, color=ALGO_COLOR[algo], label=ALGO_LABEL[algo], marker="o", ms=3, gid="data")
+                if len(x):
+                    ax.fill_between(x, mean - std, mean + std, color=ALGO_COLOR[algo], alpha=0.2, lw=0)
+            what = "train" if metric == "train_error" else "test"
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(f"{what} error (%)")
+            n = sub[sub["metric"] == metric].groupby("algorithm")["trial"].nunique().to_dict() if not part.empty else {}
+            trials = ", ".join(f"{ALGO_LABEL.get(a, a)} n={k}" for a, k in sorted(n.items()))
+            ax.set_title(f"{exp} — {what} error (mean ± std; {trials})\n"
+                         f"{settings_text(sub, ('T', 'K', 'beta', 'dataset', 'backend', 'dtype'))}", fontsize=8)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+    fig.suptitle("MNIST training: EP vs BPTT (cf. paper Figs 17-22)", fontsize=10)
+    save_figure(fig, stem, close)
+    return fig
+
+
+# ----- GDU processes (Figs 2, 4, 8-13) -----------------------------------------------------------
+def gdu_processes(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False) -> Figure:
+    """ΔEP(t) (solid) and −∇BPTT(t) (dashed) against t for the sampled units of every layer.
+
+    Top row: neuron layers; bottom row: parameter layers. One colour per unit. Uses the first
+    experiment, β and trial found in ``df`` (rows with metric ``process``).
+    """
+    df = df[df["metric"] == "process"]
+    if not df.empty:
+        first = df.iloc[0]
+        df = df[(df["experiment"] == first["experiment"]) & (df["beta"] == first["beta"])]
+        df = df[df["trial"] == df["trial"].min()]
+    neuron_layers = sort_layers(df.loc[df["quantity"] == "neurons", "layer"]) if not df.empty else []
+    weight_layers = sort_layers(df.loc[df["quantity"] != "neurons", "layer"]) if not df.empty else []
+    ncols = max(1, len(neuron_layers), len(weight_layers))
+    nrows = (1 if neuron_layers else 0) + (1 if weight_layers else 0) or 1
+    fig = _new_figure(3.4 * ncols, 2.9 * nrows + 0.6)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    grid = [layers for layers in (neuron_layers, weight_layers) if layers] or [[]]
+    colors = matplotlib.colormaps["tab10"]
+    for r, layers in enumerate(grid):
+        for c in range(ncols):
+            ax = axes[r][c]
+            if c >= len(layers):
+                ax.set_visible(False)
+                continue
+            layer = layers[c]
+            part = df[df["layer"] == layer]
+            quantity = "neurons" if layer in neuron_layers else "weights"
+            for i, unit in enumerate(sorted(part["unit"].unique())):
+                for algo in ("ep", "bptt"):
+                    line = part[(part["unit"] == unit) & (part["algorithm"] == algo)].sort_values("t")
+                    if line.empty:
+                        continue
+                    ax.plot(line["t"], line["value"], PROCESS_STYLE[algo], color=colors(i % 10), lw=1.2,
+                            label=f"{PROCESS_LABEL[algo]} unit {unit}", gid="data")
+            ax.axhline(0.0, color="0.6", lw=0.5, gid="reference")
+            ax.set_title(f"{layer} ({quantity})", fontsize=9)
+            ax.set_xlabel("t (time step of the second phase)")
+            ax.set_ylabel("ΔEP(t), −∇BPTT(t) (a.u.)")
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+            ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color="k", ls="-", label="ΔEP(t) (solid)"),
+               Line2D([], [], color="k", ls="--", label="−∇BPTT(t) (dashed)")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8)
+    name = df["experiment"].iloc[0] if not df.empty else ""
+    desc = df["model_desc"].iloc[0] if not df.empty and "model_desc" in df else ""
+    fig.suptitle(f"GDU processes: {name} ({desc})\n{settings_text(df)}; one colour per sampled unit",
+                 fontsize=10)
+    save_figure(fig, stem, close)
+    return fig
+
+
+# ----- RelMSE bars (Figs 3, 15) -------------------------------------------------------------------
+def relmse_bars(df: pd.DataFrame, stem: str | os.PathLike, log: bool = True, close: bool = False) -> Figure:
+    """RelMSE per layer, neurons (left) and parameters (right): one group of bars per experiment
+    (and β when an experiment has several), mean over trials with the std as error bar."""
+    df = df[(df["metric"] == "relmse") & (df["algorithm"] == "ep_vs_bptt")].copy()
+    if not df.empty:
+        several = df.groupby("experiment")["beta"].nunique()
+        df["group"] = [f"{e}\nβ={b:g}" if several.get(e, 1) > 1 else str(e)
+                       for e, b in zip(df["experiment"], df["beta"])]
+    else:
+        df["group"] = []
+    groups = list(dict.fromkeys(df["group"]))
+    fig = _new_figure(max(7.0, 1.3 * len(groups) * 2 + 2), 4.2)
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    colors = matplotlib.colormaps["tab20"]
+    for ax, quantity in zip(axes, ("neurons", "weights")):
+        part = df[(df["quantity"] == "neurons") == (quantity == "neurons")]
+        layers = sort_layers(part["layer"]) if not part.empty else []
+        width = 0.8 / max(1, len(layers))
+        stats = part.groupby(["group", "layer"])["value"].agg(["mean", "std"]) if not part.empty else None
+        for j, layer in enumerate(layers):
+            xs, ys, es = [], [], []
+            for g, group in enumerate(groups):
+                if stats is not None and (group, layer) in stats.index:
+                    xs.append(g - 0.4 + width * (j + 0.5))
+                    ys.append(stats.loc[(group, layer), "mean"])
+                    es.append(0.0 if pd.isna(stats.loc[(group, layer), "std"]) else stats.loc[(group, layer), "std"])
+            if xs:
+                ax.bar(xs, ys, width=width * 0.95, yerr=es, capsize=2, color=colors(j % 20), label=layer)
+        ax.set_xticks(range(len(groups)), groups, fontsize=8, rotation=0 if len(groups) < 5 else 30)
+        ax.set_ylabel(RELMSE_LABEL if quantity == "neurons" else "RelMSE (ratio of RMS norms)")
+        ax.set_xlabel("experiment")
+        ax.set_title(f"{'neurons' if quantity == 'neurons' else 'weights (parameters)'}: RelMSE per layer",
+                     fontsize=9)
+        if log and not part.empty and (part["value"] > 0).any():
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, axis="y")
+        if layers:
+            ax.legend(fontsize=7, title="layer", title_fontsize=7, ncols=2)
+    fig.suptitle(f"RelMSE per layer (cf. paper Figs 3, 15) — {settings_text(df, ('dataset', 'backend', 'dtype'))}",
+                 fontsize=10)
+    save_figure(fig, stem, close)
+    return fig
+
+
+# ----- Theorem 1: RelMSE against β -----------------------------------------------------------------
+def fit_slope(betas, values) -> float:
+    """Least-squares slope of log RelMSE against log |β| (NaN with fewer than 2 positive points)."""
+    b = np.abs(np.asarray(betas, dtype=float))
+    v = np.asarray(values, dtype=float)
+    ok = (b > 0) & (v > 0) & np.isfinite(v)
+    if len(np.unique(b[ok])) < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(b[ok]), np.log(v[ok]), 1)[0])
+
+
+def theorem1_lines(df: pd.DataFrame, layer: str | None = None, quantity: str = "neurons") -> pd.DataFrame:
+    """RelMSE against |β| per (flavor, symmetric): columns flavor, symmetric, beta, relmse, n.
+
+    ``layer=None`` averages over the layers of ``quantity`` (per trial, then over trials).
+    """
+    df = df[(df["metric"] == "relmse") & (df["algorithm"] == "ep_vs_bptt")].copy()
+    if layer is not None:
+        df = df[df["layer"] == layer]
+    else:
+        df = df[(df["quantity"] == "neurons") == (quantity == "neurons")]
+    if df.empty:
+        return pd.DataFrame(columns=["flavor", "symmetric", "beta", "relmse", "n"])
+    df["beta"] = df["beta"].abs()
+    per_trial = df.groupby(["flavor", "symmetric", "beta", "experiment", "trial"])["value"].mean().reset_index()
+    out = per_trial.groupby(["flavor", "symmetric", "beta"])["value"].agg(["mean", "count"]).reset_index()
+    return out.rename(columns={"mean": "relmse", "count": "n"}).sort_values(["flavor", "symmetric", "beta"])
+
+
+def line_label(flavor: str, symmetric: bool) -> str:
+    return f"{flavor}, {'symmetric ±β' if symmetric else 'one-sided β'}"
+
+
+def theorem1_plot(df: pd.DataFrame, stem: str | os.PathLike, layer: str | None = None,
+                  quantity: str = "neurons", close: bool = False) -> Figure:
+    """RelMSE against β on log-log axes, one line per (flavor, symmetric), with faint reference
+    slopes β and β² (anchored at the smallest-β point of the first line)."""
+    lines = theorem1_lines(df, layer, quantity)
+    fig = _new_figure(6.4, 4.6)
+    ax = fig.subplots()
+    markers = "osD^v"
+    for i, ((flavor, symmetric), part) in enumerate(lines.groupby(["flavor", "symmetric"], sort=True)):
+        slope = fit_slope(part["beta"], part["relmse"])
+        label = line_label(flavor, bool(symmetric)) + (f" (slope {slope:.2f})" if math.isfinite(slope) else "")
+        ax.plot(part["beta"], part["relmse"], marker=markers[i % len(markers)], ls="-" if flavor == "paper" else "--",
+                label=label, gid="data")
+    positive = lines[(lines["relmse"] > 0) & (lines["beta"] > 0)]
+    if not positive.empty:
+        b = np.array(sorted(positive["beta"].unique()))
+        anchor = positive.sort_values("beta").iloc[0]
+        for power, text in ((1, "∝ β"), (2, "∝ β²")):
+            ref = anchor["relmse"] * (b / anchor["beta"]) ** power
+            ax.plot(b, ref, ls=":", color="0.55", alpha=0.5, lw=1, label=text, gid="reference")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("β (nudging strength, |β|)")
+    where = f"layer {layer}" if layer else f"mean over {quantity} layers"
+    ax.set_ylabel(f"RelMSE(ΔEP, −∇BPTT), {where}")
+    name = ", ".join(dict.fromkeys(df["experiment"])) if "experiment" in df and not df.empty else ""
+    ax.set_title(f"Theorem 1: RelMSE → 0 as β → 0 — {name}\n{settings_text(df, ('T', 'K', 'dataset', 'backend', 'dtype'))}",
+                 fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    save_figure(fig, stem, close)
+    return fig

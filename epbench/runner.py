@@ -1,0 +1,330 @@
+"""Runs a suite on one backend and fills the results store.
+
+The two tasks:
+
+* ``gdu``: at initialisation, on one mini-batch, compare the EP processes ΔEP(t) with
+  −∇BPTT(t) (t = 0..K) layer by layer: RelMSE (eq. 67), sign agreement and cosine of the
+  cumulative updates, and the first-phase convergence.
+* ``train``: EP and BPTT from the same initial weights (per trial), per-epoch online train
+  error and test error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from epbench import __version__, metrics
+from epbench.backend import Backend
+from epbench.errors import BackendUnavailable, EpbenchError
+from epbench.results import git_provenance, new_run_dir, to_frame, write_meta, write_table
+from epbench.suites import QUICK, Experiment, Suite, expand_sweeps
+
+SYNTHETIC = "synthetic"
+
+
+@dataclasses.dataclass
+class RunOptions:
+    backend: str
+    out: str = "results"
+    dataset: str | None = None
+    epochs: int | None = None
+    trials: int | None = None
+    quick: bool = False
+    include_heavy: bool = False
+    only: tuple[str, ...] = ()
+    data_dir: str | None = None
+    overrides: tuple[str, ...] = ()
+    command: str = ""
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def _quiet(_msg: str, _done: int, _total: int) -> None:
+    pass
+
+
+# ----- applying the options ----------------------------------------------------------------
+def apply_options(experiments: list[Experiment], opts: RunOptions, cpu: bool) -> tuple[list[Experiment], list[dict], list[str]]:
+    """Returns (experiments to run, skipped [{experiment, reason}], reductions [sentences])."""
+    out, skipped, reductions = [], [], []
+    if opts.only:
+        unknown = sorted(set(opts.only) - {e.name for e in experiments})
+        if unknown:
+            raise EpbenchError(f"--only: no experiment named {', '.join(unknown)}")
+    for exp in experiments:
+        if opts.only and exp.name not in opts.only:
+            continue
+        if exp.heavy and cpu and not opts.include_heavy:
+            skipped.append({"experiment": exp.name, "reason": "heavy experiment skipped on a CPU backend; "
+                                                              "pass --include-heavy to run it"})
+            continue
+        update: dict = {}
+        if opts.dataset and exp.dataset != SYNTHETIC:
+            update["dataset"] = opts.dataset
+        if opts.trials:
+            update["trials"] = opts.trials
+        if opts.epochs and exp.train is not None:
+            update["train"] = exp.train.model_copy(update={"epochs": opts.epochs})
+        if opts.quick:
+            update["trials"] = min(update.get("trials", exp.trials), QUICK["trials"])
+            if exp.task == "gdu":
+                K = min(exp.phase.K, QUICK["gdu_K"])
+                T = max(K, min(exp.phase.T, QUICK["gdu_T"]))
+                update["phase"] = exp.phase.model_copy(update={"T": T, "K": K})
+                update["batch_size"] = min(exp.batch_size, QUICK["gdu_batch"])
+            else:
+                train = update.get("train", exp.train)
+                update["train"] = train.model_copy(update={"epochs": min(train.epochs, QUICK["epochs"])})
+                if not opts.dataset:
+                    update["dataset"] = QUICK["train_dataset"]
+                update["n_train"] = min(exp.n_train or QUICK["max_train"], QUICK["max_train"])
+                update["n_test"] = min(exp.n_test or QUICK["max_test"], QUICK["max_test"])
+        new = exp.model_copy(update=update) if update else exp
+        out.append(new)
+        notes = reduction_notes(exp, new)
+        if notes:
+            reductions.append(f"{new.name}: " + "; ".join(notes))
+    return out, skipped, reductions
+
+
+def reduction_notes(orig: Experiment, new: Experiment) -> list[str]:
+    """Plain sentences saying how ``new`` departs from the paper's protocol in ``orig``."""
+    notes = []
+    if new.dataset != orig.dataset:
+        notes.append(f"dataset {new.dataset} instead of {orig.dataset}")
+    elif new.task == "train" and new.dataset != "mnist":
+        notes.append(f"dataset {new.dataset}, not the full MNIST of the paper")
+    if new.train is not None and orig.train is not None and new.train.epochs != orig.train.epochs:
+        notes.append(f"{new.train.epochs} epoch(s) instead of {orig.train.epochs}")
+    if new.trials < orig.trials:
+        notes.append(f"{new.trials} trial(s) instead of {orig.trials}")
+    if (new.phase.T, new.phase.K) != (orig.phase.T, orig.phase.K):
+        notes.append(f"T={new.phase.T}, K={new.phase.K} instead of T={orig.phase.T}, K={orig.phase.K}")
+    if new.task == "gdu" and new.batch_size != orig.batch_size:
+        notes.append(f"GDU batch {new.batch_size} instead of {orig.batch_size}")
+    if new.n_train:
+        notes.append(f"at most {new.n_train} training and {new.n_test or 'all'} test samples")
+    return notes
+
+
+# ----- one experiment ------------------------------------------------------------------------
+def _layer_quantity(name: str) -> str:
+    return "neurons" if name.startswith("s") else "weights"
+
+
+def _sample_units(bptt: np.ndarray, n: int) -> np.ndarray:
+    """Indices (flattened) of the n elements with the largest −∇BPTT RMS, for process plots."""
+    if n <= 0:
+        return np.zeros(0, dtype=int)
+    flat = bptt.reshape(bptt.shape[0], -1)
+    rms = np.sqrt(np.mean(flat * flat, axis=0))
+    n = min(n, rms.size)
+    return np.sort(np.argsort(-rms, kind="stable")[:n])
+
+
+def gdu_rows(procs, spec, units: int) -> list[dict]:
+    """Metric rows comparing ΔEP with −∇BPTT for every layer and parameter."""
+    rows: list[dict] = []
+    pairs = [(name, procs.ep_s[i], -procs.bptt_s[i]) for i, name in enumerate(spec.state_names)]
+    pairs += [(name, procs.ep_theta[name], -procs.bptt_theta[name]) for name in spec.param_shapes]
+    for layer, ep, bp in pairs:
+        quantity = _layer_quantity(layer)
+        base = {"algorithm": "ep_vs_bptt", "layer": layer, "quantity": quantity}
+        same, both_zero = metrics.sign_agreement(ep.sum(axis=0), bp.sum(axis=0))
+        rows += [
+            {**base, "metric": "relmse", "value": metrics.relmse(ep, bp)},
+            {**base, "metric": "sign_agreement", "value": same},
+            {**base, "metric": "sign_both_zero", "value": both_zero},
+            {**base, "metric": "cosine", "value": metrics.cosine(ep.sum(axis=0), bp.sum(axis=0))},
+        ]
+        idx = _sample_units(bp, units)
+        ep_flat, bp_flat = ep.reshape(ep.shape[0], -1), bp.reshape(bp.shape[0], -1)
+        for unit in idx:
+            for t in range(ep.shape[0]):
+                rows.append({"algorithm": "ep", "metric": "process", "layer": layer, "quantity": quantity,
+                             "t": t, "unit": int(unit), "value": float(ep_flat[t, unit])})
+                rows.append({"algorithm": "bptt", "metric": "process", "layer": layer, "quantity": quantity,
+                             "t": t, "unit": int(unit), "value": float(bp_flat[t, unit])})
+    rows.append({"algorithm": "ep", "metric": "convergence", "layer": "all", "value": procs.convergence})
+    return rows
+
+
+class DataCache:
+    def __init__(self, data_dir: str | None):
+        self.data_dir = data_dir
+        self._splits: dict = {}
+
+    def get(self, name: str):
+        if name not in self._splits:
+            from epbench.datasets import load_dataset
+
+            self._splits[name] = load_dataset(name, data_dir=self.data_dir)
+        return self._splits[name]
+
+
+def gdu_batch(exp: Experiment, seed: int, data: DataCache) -> tuple[np.ndarray, np.ndarray]:
+    """The mini-batch of a GDU measurement: the toy's random input and one-hot target
+    (x ~ U[0,1], appendix C.2), or ``batch_size`` training images drawn with ``seed``."""
+    spec = exp.model
+    rng = np.random.default_rng(seed + 7919)
+    B = exp.batch_size
+    if exp.dataset == SYNTHETIC:
+        x = rng.uniform(0.0, 1.0, size=(B, spec.n_in))
+        labels = rng.integers(0, spec.n_out, size=B)
+    else:
+        split = data.get(exp.dataset)
+        idx = rng.choice(split.x_train.shape[0], size=B, replace=False)
+        x, labels = split.x_train[idx].astype(np.float64), split.y_train[idx]
+    y = np.eye(spec.n_out)[labels]
+    return x.reshape((B, *spec.input_shape)), y
+
+
+def run_gdu(backend: Backend, exp: Experiment, trial: int, data: DataCache) -> list[dict]:
+    seed = exp.seed + trial
+    params = backend.from_numpy(exp.model, backend.init_params(exp.model, seed), exp.dtype)
+    x, y = gdu_batch(exp, seed, data)
+    procs = backend.gdu(exp.model, params, x, y, exp.phase)
+    rows = gdu_rows(procs, exp.model, exp.process_units)
+    for row in rows:
+        row.setdefault("compile_s", procs.timings.get("compile_s", 0.0))
+        row.setdefault("run_s", procs.timings.get("run_s", float("nan")))
+    return rows
+
+
+def run_train(backend: Backend, exp: Experiment, trial: int, data: DataCache, progress: Progress) -> list[dict]:
+    from epbench.datasets import epoch_order
+
+    spec, train = exp.model, exp.train
+    seed = exp.seed + trial
+    split = data.get(exp.dataset)
+    x_train, y_train = split.x_train[: exp.n_train], split.y_train[: exp.n_train]
+    x_test, y_test = split.x_test[: exp.n_test], split.y_test[: exp.n_test]
+    shape = (-1, *spec.input_shape)
+    x_train, x_test = x_train.reshape(shape), x_test.reshape(shape)
+    initial = backend.init_params(spec, seed)
+    rows: list[dict] = []
+    for algorithm in exp.algorithms:
+        params = backend.from_numpy(spec, initial, exp.dtype)
+        for epoch in range(1, train.epochs + 1):
+            order = epoch_order(x_train.shape[0], seed * 1_000_003 + epoch)
+            start = time.perf_counter()
+            result = backend.train_epoch(spec, params, x_train[order], y_train[order], exp.phase, train, algorithm)
+            params = result.params
+            test_error = float("nan") if result.diverged else backend.evaluate(spec, params, x_test, y_test, exp.phase.T)
+            backend.synchronize()
+            elapsed = time.perf_counter() - start
+            base = {"algorithm": algorithm, "epoch": epoch, "compile_s": result.timings.get("compile_s", 0.0),
+                    "run_s": result.timings.get("run_s", elapsed)}
+            rows += [
+                {**base, "metric": "train_error", "value": result.train_error},
+                {**base, "metric": "test_error", "value": test_error},
+                {**base, "metric": "diverged", "value": float(result.diverged)},
+                {**base, "metric": "epoch_time_s", "value": elapsed},
+            ]
+            progress(f"{exp.name} trial {trial} {algorithm} epoch {epoch}: train {result.train_error:.2f}% "
+                     f"test {test_error:.2f}%", 1, 0)
+            if result.diverged:
+                break
+    return rows
+
+
+# ----- the run -----------------------------------------------------------------------------
+def experiment_columns(exp: Experiment, trial: int) -> dict:
+    spec = exp.model
+    return {
+        "experiment": exp.name, "task": exp.task, "model": spec.kind, "model_desc": spec.describe(),
+        "flavor": spec.flavor, "dataset": exp.dataset, "dtype": exp.dtype, "T": exp.phase.T,
+        "K": exp.phase.K, "beta": exp.phase.beta, "symmetric": exp.phase.symmetric,
+        "epochs": exp.train.epochs if exp.train else -1,
+        "batch_size": exp.train.batch_size if exp.train else exp.batch_size,
+        "trial": trial, "seed": exp.seed + trial,
+    }
+
+
+def resolve_backend(name: str) -> Backend:
+    from epbench.plugins import registry
+
+    backend = registry().backend(name)
+    avail = backend.availability(probe=True)
+    if not avail.ok:
+        raise BackendUnavailable(f"backend '{name}' is not available: {avail.reason}")
+    return backend
+
+
+def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
+              progress: Progress = _quiet) -> Path:
+    """Run every experiment of ``suite`` on ``opts.backend``; returns the new run directory."""
+    backend = resolve_backend(opts.backend)
+    avail = backend.availability(probe=True)
+    cpu = "cpu" in (avail.device or "cpu").lower()
+    experiments, skipped, reductions = apply_options(expand_sweeps(suite.experiments), opts, cpu)
+    runnable = []
+    for exp in experiments:
+        reason = backend.supports(exp.model, exp.dtype)
+        if reason:
+            skipped.append({"experiment": exp.name, "reason": reason})
+        else:
+            runnable.append(exp)
+    for item in skipped:
+        progress(f"skipping {item['experiment']}: {item['reason']}", 0, 0)
+
+    run_dir = new_run_dir(opts.out, suite.name, opts.backend)
+    commit, dirty = git_provenance()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    provenance = {
+        "run_id": run_dir.name, "epbench_version": __version__, "git_commit": commit, "git_dirty": dirty,
+        "suite": suite.name, "suite_hash": suite_hash, "backend": backend.name, "framework": backend.framework,
+        "framework_version": backend.framework_version(), "device": avail.device, "start_time": started,
+    }
+    meta = {
+        **provenance, "suite_path": str(suite_path), "command": opts.command, "started": started,
+        "quick": opts.quick, "overrides": list(opts.overrides), "reductions": reductions, "skipped": skipped,
+        "host": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+                 "python": sys.version.split()[0], "cores": _cores()},
+        "status": "running",
+    }
+    write_meta(run_dir, meta)
+    data = DataCache(opts.data_dir)
+    rows: list[dict] = []
+    total = sum(e.trials for e in runnable)
+    done = 0
+    try:
+        for exp in runnable:
+            for trial in range(exp.trials):
+                progress(f"{exp.name} ({exp.task}) trial {trial + 1}/{exp.trials}", done, total)
+                start = time.perf_counter()
+                if exp.task == "gdu":
+                    new = run_gdu(backend, exp, trial, data)
+                else:
+                    new = run_train(backend, exp, trial, data, progress)
+                wall = time.perf_counter() - start
+                columns = experiment_columns(exp, trial)
+                for row in new:
+                    rows.append({**provenance, **columns, **row, "wall_time_s": wall})
+                write_table(run_dir, to_frame(rows))
+                done += 1
+                progress(f"{exp.name} trial {trial + 1} done in {wall:.1f} s", done, total)
+        meta["status"] = "complete"
+    except KeyboardInterrupt:
+        meta["status"] = "interrupted"
+        raise
+    finally:
+        meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if rows:
+            write_table(run_dir, to_frame(rows))
+        write_meta(run_dir, meta)
+    return run_dir
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

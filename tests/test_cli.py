@@ -1,0 +1,169 @@
+"""The command line: import hygiene, one-line errors, plugin discovery through real entry points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def epbench(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "epbench.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or ROOT, timeout=300)
+
+
+def test_help_imports_neither_torch_nor_jax():
+    code = textwrap.dedent("""
+        import sys
+        from epbench.cli import main
+        try:
+            main(["--help"])
+        except SystemExit:
+            pass
+        heavy = sorted(m for m in ("torch", "jax", "jaxlib") if m in sys.modules)
+        print("HEAVY:" + ",".join(heavy))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Usage:" in out.stdout
+    assert "HEAVY:\n" in out.stdout or out.stdout.rstrip().endswith("HEAVY:")
+
+
+def test_backends_listing_imports_neither_torch_nor_jax():
+    code = textwrap.dedent("""
+        import sys
+        from epbench.cli import main
+        main(["backends"])
+        print("HEAVY:" + ",".join(sorted(m for m in ("torch", "jax", "jaxlib") if m in sys.modules)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "torch-cpu" in out.stdout
+    assert out.stdout.rstrip().endswith("HEAVY:")
+
+
+BAD_SUITES = {
+    "unknown_key": ("name: s\nexperiments:\n  - name: a\n    task: gdu\n    colour: red\n"
+                    "    model: {kind: p, hidden: [8]}\n    phase: {T: 5, K: 2, beta: 0.1}\n", "colour"),
+    "wrong_type": ("name: s\nexperiments:\n  - name: a\n    task: gdu\n"
+                   "    model: {kind: p, hidden: [8]}\n    phase: {T: many, K: 2, beta: 0.1}\n", "phase.T"),
+    "t_not_positive": ("name: s\nexperiments:\n  - name: a\n    task: gdu\n"
+                       "    model: {kind: p, hidden: [8]}\n    phase: {T: 0, K: 2, beta: 0.1}\n", "phase.T"),
+    "k_above_t": ("name: s\nexperiments:\n  - name: a\n    task: gdu\n"
+                  "    model: {kind: p, hidden: [8]}\n    phase: {T: 5, K: 9, beta: 0.1}\n", "K (9) must not exceed T (5)"),
+    "bad_yaml": ("name: s\nexperiments: [\n  - {name: a\n", "bad YAML"),
+    "unknown_model": ("name: s\nexperiments:\n  - name: a\n    task: gdu\n"
+                      "    model: {kind: rnn}\n    phase: {T: 5, K: 2, beta: 0.1}\n", "model.kind"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SUITES))
+def test_bad_suite_exits_2_with_one_line(tmp_path, case):
+    text, expected = BAD_SUITES[case]
+    suite = tmp_path / f"{case}.yaml"
+    suite.write_text(text)
+    out = epbench("run", str(suite), "--out", str(tmp_path / "results"))
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    assert str(suite) in lines[0] and expected in lines[0]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+def test_missing_suite_file(tmp_path):
+    out = epbench("run", str(tmp_path / "nope.yaml"))
+    assert out.returncode == 2
+    assert "no such suite file" in out.stderr and "nope.yaml" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_backend_suggests_closest(tmp_path):
+    out = epbench("run", str(ROOT / "suites" / "table3.yaml"), "--backend", "torch-cpus", "--out", str(tmp_path))
+    assert out.returncode == 2
+    assert "unknown backend 'torch-cpus'" in out.stderr and "did you mean 'torch-cpu'" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def _fake_distribution(root: Path, dist: str, module: str, body: str) -> None:
+    (root / f"{module}.py").write_text(textwrap.dedent(body))
+    info = root / f"{dist}-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text(f"[epbench]\n{dist} = {module}\n")
+
+
+FAKE_BACKEND = """
+    from epbench import hookimpl
+    from epbench.backend import Availability, Backend
+
+
+    class FakeBackend(Backend):
+        name = "fake-accel"
+        framework = ""
+
+        def availability(self, probe=False):
+            return Availability(True, "", "fake device 0")
+
+        def from_numpy(self, spec, params, dtype): return dict(params)
+        def to_numpy(self, spec, params): return dict(params)
+        def first_phase(self, *a, **k): raise NotImplementedError
+        def ep_update(self, *a, **k): raise NotImplementedError
+        def bptt_grad(self, *a, **k): raise NotImplementedError
+        def gdu(self, *a, **k): raise NotImplementedError
+        def train_epoch(self, *a, **k): raise NotImplementedError
+        def evaluate(self, *a, **k): raise NotImplementedError
+
+
+    @hookimpl
+    def epbench_backends():
+        return [FakeBackend()]
+"""
+
+
+def test_third_party_backend_through_a_real_entry_point(tmp_path):
+    _fake_distribution(tmp_path, "epbench-fake", "epbench_fake_plugin", FAKE_BACKEND)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = epbench("backends", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "fake-accel" in out.stdout and "fake device 0" in out.stdout
+    plugins = epbench("plugins", env=env)
+    assert "epbench-fake" in plugins.stdout and "epbench_backends" in plugins.stdout
+    disabled = epbench("backends", env={**env, "EPBENCH_DISABLE_PLUGINS": "1"})
+    assert disabled.returncode == 0 and "fake-accel" not in disabled.stdout and "torch-cpu" in disabled.stdout
+
+
+def test_broken_entry_point_warns_and_cli_still_works(tmp_path):
+    _fake_distribution(tmp_path, "epbench-broken", "epbench_broken_plugin", "raise ImportError('no such thing')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = epbench("backends", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "warning:" in out.stderr and "epbench-broken" in out.stderr and "no such thing" in out.stderr
+    assert "torch-cpu" in out.stdout
+    strict = epbench("backends", env={**env, "EPBENCH_STRICT_PLUGINS": "1"})
+    assert strict.returncode == 2 and "epbench-broken" in strict.stderr and "Traceback" not in strict.stderr
+
+
+def test_trace_plugins(tmp_path):
+    out = epbench("backends", env={"EPBENCH_TRACE_PLUGINS": "1"})
+    assert out.returncode == 0
+    assert "[epbench trace]" in out.stderr and "epbench_backends" in out.stderr
+
+
+def test_suites_lists_bundled():
+    out = epbench("suites")
+    assert out.returncode == 0
+    for name in ("table1", "table3", "table4"):
+        assert name in out.stdout
+
+
+def test_report_on_missing_dir(tmp_path):
+    out = epbench("report", str(tmp_path / "nothing"))
+    assert out.returncode == 2 and "no such run directory" in out.stderr
