@@ -162,6 +162,11 @@ class Backend(ABC):
     def synchronize(self) -> None:
         """Wait for queued device work (for honest timings)."""
 
+    def matmul_gflops(self, n: int = 2048, dtype: str = "float32", repeats: int = 10) -> float | None:
+        """Measured n×n matmul throughput of this backend's device in GFLOP/s (its practical
+        peak), or None if the backend does not measure it (the core then uses NumPy)."""
+        return None
+
     def step_function(self, spec: ModelSpec, params: Params, x: np.ndarray,
                       states: list[np.ndarray]) -> list[np.ndarray] | None:
         """F(x, s, θ) for one free step (optional: used by the conformance kit)."""

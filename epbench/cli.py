@@ -197,7 +197,7 @@ def data_download(name, dest):
     from epbench.datasets.download import download
 
     _registry().dataset(name)
-    click.echo(str(download(name, dest)))
+    click.echo(str(download(name, dest, log=lambda message: click.echo(message, err=True))))
 
 
 @cli.command()
@@ -214,6 +214,57 @@ def report(run_dir):
     if not ((path / "results.parquet").exists() or (path / "results.csv").exists()):
         raise EpbenchError(f"{run_dir}: not a run directory (no results.parquet or results.csv)")
     click.echo(str(render_report(path)))
+
+
+@cli.command()
+@click.option("--backend", "-b", "names", multiple=True, help="Backend (repeatable; default: every available one).")
+@click.option("--model", "-m", "models", multiple=True, help="Table 4 row (repeatable; default: p-1h eb-1h eb-2h p-3h p-conv).")
+@click.option("--algorithm", "-a", "algorithms", multiple=True, type=click.Choice(["ep", "bptt", "gdu"]),
+              help="What to time (repeatable; default: all three).")
+@click.option("--batches", default=10, show_default=True, type=click.IntRange(min=1), help="Timed batches per measurement.")
+@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
+def bench(names, models, algorithms, batches, out):
+    """Time EP and BPTT training steps and GDU per batch of 20 (Table 4 settings): useful FLOPs,
+    GFLOP/s and the fraction of the device's float32 matmul peak measured on the spot."""
+    import time
+
+    from epbench import __version__
+    from epbench.bench import BENCH_MODELS, bench_rows
+    from epbench.presets import TABLE4
+    from epbench.results import git_provenance, new_run_dir, to_frame, write_meta, write_table
+
+    reg = _registry()
+    for model in models:
+        if model not in TABLE4:
+            from epbench.plugins import unknown_name_message
+
+            raise EpbenchError(unknown_name_message("model", model, TABLE4))
+    chosen = list(names) or sorted(n for n, b in reg.backends.items() if b.availability(probe=False).ok)
+    backends_ = []
+    for name in chosen:
+        backend = reg.backend(name)
+        avail = backend.availability(probe=True)
+        if not avail.ok:
+            if names:
+                raise EpbenchError(f"backend '{name}' is not available: {avail.reason}")
+            click.echo(f"skipping {name}: {avail.reason}", err=True)
+            continue
+        backends_.append((backend, avail))
+    commit, dirty = git_provenance()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    rows = []
+    for backend, avail in backends_:
+        for row in bench_rows(backend, models or BENCH_MODELS, algorithms or ("ep", "bptt", "gdu"), batches, click.echo):
+            rows.append({**row, "device": avail.device, "epbench_version": __version__, "git_commit": commit,
+                         "git_dirty": dirty, "suite": "bench", "start_time": started, "trial": 0, "seed": 0})
+    run_dir = new_run_dir(out, "bench", "+".join(b.name for b, _ in backends_) or "none")
+    for row in rows:
+        row["run_id"] = run_dir.name
+    write_table(run_dir, to_frame(rows))
+    write_meta(run_dir, {"suite": "bench", "command": shlex.join(["epbench", *sys.argv[1:]]), "started": started,
+                         "git_commit": commit, "git_dirty": dirty, "epbench_version": __version__,
+                         "backends": [b.name for b, _ in backends_]})
+    click.echo(str(run_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,7 @@ def test_unknown_backend_suggests_closest(tmp_path):
 
 def _fake_distribution(root: Path, dist: str, module: str, body: str) -> None:
     (root / f"{module}.py").write_text(textwrap.dedent(body))
-    info = root / f"{dist}-0.3.dist-info"
+    info = root / f"{dist.replace('-', '_')}-0.3.dist-info"  # wheel-style escaped name
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.3\n")
     (info / "entry_points.txt").write_text(f"[epbench]\n{dist} = {module}\n")

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Split:
     """A train/test split. Built-in datasets give ``x_*`` as (N, 784) float32 in [0, 1]
     and ``y_*`` as (N,) int64 labels 0-9; ``source`` says where the data came from."""

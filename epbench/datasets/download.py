@@ -136,6 +136,8 @@ def download(name: str, dest: str | None = None, mirrors: Iterable[str] | None =
     ``checksums`` (filename -> md5 of the .gz) replaces the published ones. Raises
     :class:`DatasetError` when a file cannot be fetched from any mirror."""
     resources = _resources(name, checksums)
+    if isinstance(mirrors, str):
+        mirrors = [mirrors]
     mirrors = list(MIRRORS[name] if mirrors is None else mirrors)
     dest = os.path.expanduser(os.fspath(dest)) if dest else cache_dir(name)
     try:

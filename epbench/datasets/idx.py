@@ -9,6 +9,7 @@ dims, truncated or oversized payload, corrupt gzip stream) raises
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -75,7 +76,7 @@ def read_idx(path: str, magic: int | None = None) -> np.ndarray:
             raise DatasetError(f"{path}: magic number 0x{found:08x}, expected 0x{magic:08x} "
                                f"({_describe(magic)})")
     dtype = np.dtype(DTYPES[code])
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize
     payload = len(data) - header_len
     if payload != expected:
         what = "truncated" if payload < expected else "trailing data"
@@ -140,7 +141,8 @@ def write_idx(path: str, array) -> str:
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         if _is_gz(path):
-            with open(tmp, "wb") as raw, gzip.GzipFile(os.path.basename(path), "wb", fileobj=raw, mtime=0) as f:
+            with open(tmp, "wb") as raw, \
+                    gzip.GzipFile(os.path.basename(path), "wb", fileobj=raw, mtime=0) as f:
                 f.write(header + payload)
         else:
             with open(tmp, "wb") as f:

@@ -1,0 +1,79 @@
+"""asv benchmarks: seconds per sample (lower is better) of an EP training step, a BPTT training
+step and a GDU computation, and peak memory, per model (Table 4 settings, batch 20) and backend.
+
+Unavailable backends (e.g. the CUDA ones on a CPU machine) are skipped: ``setup`` raises
+``NotImplementedError``, which asv reports as skipped. GPU timings synchronise the device.
+"""
+
+from epbench.bench import time_per_batch
+
+MODELS = ["p-1h", "eb-1h", "eb-2h", "p-3h", "p-conv"]
+BACKENDS = ["torch-cpu", "jax-cpu", "numpy", "torch-cuda", "jax-cuda"]
+BATCH = 20
+
+
+def _backend(name, model):
+    from epbench.plugins import registry
+    from epbench.presets import table4
+
+    reg = registry()
+    if name not in reg.backends:
+        raise NotImplementedError(f"{name} is not registered")
+    backend = reg.backends[name]
+    avail = backend.availability(probe=True)
+    if not avail.ok:
+        raise NotImplementedError(avail.reason)
+    spec, _, _ = table4(model)
+    reason = backend.supports(spec, "float32")
+    if reason:
+        raise NotImplementedError(reason)
+    return backend
+
+
+class Step:
+    """Seconds per sample of one mini-batch step."""
+
+    params = (MODELS, BACKENDS)
+    param_names = ["model", "backend"]
+    timeout = 900
+    number = 1
+    repeat = 1
+
+    def setup(self, model, backend):
+        self.backend = _backend(backend, model)
+        self.batches = 1 if model in ("p-conv", "p-3h", "eb-2h") else 5
+
+    def _per_sample(self, model, algorithm):
+        return time_per_batch(self.backend, model, algorithm, batches=self.batches, batch_size=BATCH) / BATCH
+
+    def track_ep_seconds_per_sample(self, model, backend):
+        return self._per_sample(model, "ep")
+
+    track_ep_seconds_per_sample.unit = "seconds"
+
+    def track_bptt_seconds_per_sample(self, model, backend):
+        return self._per_sample(model, "bptt")
+
+    track_bptt_seconds_per_sample.unit = "seconds"
+
+    def track_gdu_seconds_per_sample(self, model, backend):
+        return self._per_sample(model, "gdu")
+
+    track_gdu_seconds_per_sample.unit = "seconds"
+
+
+class Memory:
+    """Peak resident memory of one EP and one BPTT training step."""
+
+    params = (MODELS, BACKENDS)
+    param_names = ["model", "backend"]
+    timeout = 900
+
+    def setup(self, model, backend):
+        self.backend = _backend(backend, model)
+
+    def peakmem_ep_step(self, model, backend):
+        time_per_batch(self.backend, model, "ep", batches=1, batch_size=BATCH)
+
+    def peakmem_bptt_step(self, model, backend):
+        time_per_batch(self.backend, model, "bptt", batches=1, batch_size=BATCH)

@@ -1,0 +1,106 @@
+"""``epbench bench``: seconds per batch, useful FLOPs, achieved GFLOP/s and the fraction of the
+device's float32 matmul peak, measured on the spot, for each model and backend."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from epbench import flops as flopcount
+from epbench.presets import table4
+
+#: the models benchmarked by default (Table 4 settings, batch 20)
+BENCH_MODELS = ("p-1h", "eb-1h", "eb-2h", "p-3h", "p-conv")
+
+
+def numpy_matmul_gflops(n: int = 2048, dtype: str = "float32", repeats: int = 10) -> float:
+    """n×n matmul throughput of NumPy's BLAS on this machine, best of ``repeats``."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n)).astype(dtype)
+    b = rng.standard_normal((n, n)).astype(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def device_peak(backend) -> float:
+    peak = backend.matmul_gflops()
+    return peak if peak else numpy_matmul_gflops()
+
+
+def _random_data(spec, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.0, 1.0, size=(n, *spec.input_shape)).astype(np.float32)
+    labels = rng.integers(0, spec.n_out, size=n)
+    return x, labels
+
+
+def time_per_batch(backend, model: str, algorithm: str, batches: int = 10, dtype: str = "float32",
+                   batch_size: int = 20) -> float:
+    """Seconds per mini-batch of one training step (``ep``/``bptt``) or one GDU computation
+    (``gdu``), after a warm-up call that absorbs compilation."""
+    spec, phase, train = table4(model, dtype=dtype)
+    train = train.model_copy(update={"batch_size": batch_size, "lrs": tuple(0.0 for _ in train.lrs)})
+    params = backend.from_numpy(spec, backend.init_params(spec, 0), dtype)
+    if algorithm == "gdu":
+        x, labels = _random_data(spec, batch_size)
+        y = np.eye(spec.n_out)[labels]
+        backend.gdu(spec, params, x, y, phase)
+        backend.synchronize()
+        start = time.perf_counter()
+        for _ in range(batches):
+            backend.gdu(spec, params, x, y, phase)
+        backend.synchronize()
+        return (time.perf_counter() - start) / batches
+    x, labels = _random_data(spec, batch_size * batches)
+    backend.train_epoch(spec, params, x[: 2 * batch_size], labels[: 2 * batch_size], phase, train, algorithm)
+    backend.synchronize()
+    start = time.perf_counter()
+    backend.train_epoch(spec, params, x, labels, phase, train, algorithm)
+    backend.synchronize()
+    return (time.perf_counter() - start) / batches
+
+
+def useful_flops(model: str, algorithm: str, batch_size: int = 20) -> float:
+    spec, phase, _ = table4(model)
+    counter: Callable = {"ep": flopcount.ep_train_flops, "bptt": flopcount.bptt_train_flops,
+                         "gdu": flopcount.gdu_flops}[algorithm]
+    return counter(spec, phase, batch_size)
+
+
+def bench_rows(backend, models=BENCH_MODELS, algorithms=("ep", "bptt", "gdu"), batches: int = 10,
+               progress: Callable[[str], None] = lambda _m: None) -> list[dict]:
+    """One row per (model, algorithm, metric) for ``backend``."""
+    peak = device_peak(backend)
+    rows = []
+    for model in models:
+        spec, phase, _ = table4(model)
+        reason = backend.supports(spec, "float32")
+        if reason:
+            progress(f"{backend.name} {model}: skipped ({reason})")
+            continue
+        for algorithm in algorithms:
+            seconds = time_per_batch(backend, model, algorithm, batches=batches)
+            work = useful_flops(model, algorithm)
+            gflops = work / seconds / 1e9
+            base = {"experiment": model, "task": "bench", "model": spec.kind, "model_desc": spec.describe(),
+                    "flavor": spec.flavor, "dtype": "float32", "T": phase.T, "K": phase.K, "beta": phase.beta,
+                    "batch_size": 20, "algorithm": algorithm, "backend": backend.name,
+                    "framework": backend.framework, "framework_version": backend.framework_version()}
+            rows += [
+                {**base, "metric": "seconds_per_batch", "value": seconds},
+                {**base, "metric": "seconds_per_sample", "value": seconds / 20},
+                {**base, "metric": "flops_per_batch", "value": work},
+                {**base, "metric": "gflops", "value": gflops},
+                {**base, "metric": "peak_gflops", "value": peak},
+                {**base, "metric": "peak_fraction", "value": gflops / peak},
+            ]
+            progress(f"{backend.name:<10} {model:<7} {algorithm:<5} {seconds * 1e3:9.2f} ms/batch "
+                     f"{work / 1e6:9.1f} MFLOP {gflops:8.1f} GFLOP/s {100 * gflops / peak:6.1f}% of {peak:.0f}")
+    return rows

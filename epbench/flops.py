@@ -1,0 +1,55 @@
+"""Useful floating-point operations, counted analytically from the model.
+
+Only matrix products and convolutions count (2 FLOPs per multiply-add); activations and other
+element-wise work are free. "Useful" means what a careful implementation has to do: the input
+drive (``W_{L,x} u``, or the first convolution of ``x``) once per batch, two products per
+connection per step (bottom-up and top-down), and the parameter derivatives of Φ where the
+algorithm needs them.
+"""
+
+from __future__ import annotations
+
+from epbench.spec import ModelSpec, PhaseSettings
+
+
+def _connections(spec: ModelSpec) -> tuple[float, float, float]:
+    """(input-drive FLOPs, FLOPs of one step, FLOPs of one ∂Φ/∂θ evaluation), per sample."""
+    if spec.kind == "pconv":
+        c1, c2 = spec.channels
+        k = spec.kernel
+        conv1_side, _, conv2_side, pool2 = spec.pconv_sides()
+        conv1 = 2 * c1 * 1 * k * k * conv1_side ** 2
+        conv2 = 2 * c2 * c1 * k * k * conv2_side ** 2
+        fc = 2 * spec.n_out * c2 * pool2 ** 2
+        step = 2 * conv2 + 2 * fc  # Conv(s2, W12) and its transpose; W01 and W01ᵀ
+        dphi = conv2 + fc + conv1  # one correlation per weight
+        return conv1, step, dphi
+    shapes = spec.param_shapes
+    drive = sum(2 * shapes[w][0] * shapes[w][1] for w in spec.weight_names() if w.endswith("x"))
+    recurrent = sum(2 * shapes[w][0] * shapes[w][1] for w in spec.weight_names() if not w.endswith("x"))
+    step = 2 * recurrent
+    dphi = drive + recurrent
+    return drive, step, dphi
+
+
+def ep_train_flops(spec: ModelSpec, phase: PhaseSettings, batch: int) -> float:
+    """One EP training step: drive, T free + K nudged steps, ∂Φ/∂θ at s* and at s^β_K."""
+    drive, step, dphi = _connections(spec)
+    nudged = phase.K * (2 if phase.symmetric else 1)
+    return batch * (drive + (phase.T + nudged) * step + (3 if phase.symmetric else 2) * dphi)
+
+
+def bptt_train_flops(spec: ModelSpec, phase: PhaseSettings, batch: int) -> float:
+    """One BPTT training step: drive, T free steps, then over the span a vector-Jacobian
+    product per step (state part ≈ one step, parameter part ≈ one ∂Φ/∂θ)."""
+    drive, step, dphi = _connections(spec)
+    span = spec.bptt_span(phase.K)
+    return batch * (drive + phase.T * step + span * (step + dphi))
+
+
+def gdu_flops(spec: ModelSpec, phase: PhaseSettings, batch: int) -> float:
+    """GDU processes: drive, T free steps, K+1 nudged steps with ∂Φ/∂θ at each, and the
+    Prop. 4 sweep over K steps."""
+    drive, step, dphi = _connections(spec)
+    K = phase.K
+    return batch * (drive + phase.T * step + (K + 1) * (step + dphi) + K * (step + dphi))
