@@ -53,7 +53,7 @@ def _registry():
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs of every training experiment.")
 @click.option("--trials", type=click.IntRange(min=1), help="Trials of every experiment.")
 @click.option("--quick", is_flag=True, help="Smoke run: 1 trial; GDU T<=200, K<=20, batch<=8; "
-              "training 1 epoch on mnist-5k, <=1000 train / 500 test samples.")
+              "training 1 epoch on mnist-5k, <=1000 train / 500 test samples (explicit options win).")
 @click.option("--only", multiple=True, help="Run only this experiment (repeatable).")
 @click.option("--include-heavy", is_flag=True, help="Run experiments marked heavy on CPU backends too.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",

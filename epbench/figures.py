@@ -21,6 +21,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from epbench.results import atomic_write_bytes
 
@@ -46,6 +47,7 @@ def save_figure(fig: Figure, stem: str | os.PathLike, close: bool = False) -> li
         for fmt, meta in (("png", {"Software": None}), ("svg", {"Date": None})):
             buffer = io.BytesIO()
             fig.savefig(buffer, format=fmt, metadata=meta)
+            fig.set_layout_engine("none")  # keep the layout of the first drawing (saves a pass)
             path = stem.with_name(stem.name + "." + fmt)
             atomic_write_bytes(path, buffer.getvalue())
             paths.append(path)
@@ -57,8 +59,10 @@ def save_figure(fig: Figure, stem: str | os.PathLike, close: bool = False) -> li
 def _values(df: pd.DataFrame, column: str) -> list:
     if column not in df or df.empty:
         return []
-    return sorted({v for v in df[column].tolist() if v not in ("", None) and not (isinstance(v, float) and math.isnan(v))
-                   and v != -1}, key=str)
+    def present(v) -> bool:
+        return v not in ("", None, -1) and not (isinstance(v, float) and math.isnan(v))
+
+    return sorted({v for v in df[column].tolist() if present(v)}, key=str)
 
 
 def _fmt_set(values: list) -> str:
@@ -82,6 +86,28 @@ def settings_text(df: pd.DataFrame, keys=("T", "K", "beta", "dataset", "backend"
     return " · ".join(parts)
 
 
+#: the columns telling apart the variants of one experiment (a suite's sweep keeps its name)
+VARIANT = ["experiment", "flavor", "symmetric", "beta"]
+
+
+def variant_labels(df: pd.DataFrame, sep: str = " · ") -> pd.Series:
+    """Per row: the experiment name, plus the flavour and β (±β when symmetric) where the
+    experiment holds several of them."""
+    if df.empty:
+        return pd.Series([], index=df.index, dtype=object)
+    counts = df.groupby("experiment")[["flavor", "symmetric", "beta"]].nunique()
+    labels = []
+    for exp, flavor, sym, beta in zip(df["experiment"], df["flavor"], df["symmetric"], df["beta"]):
+        n = counts.loc[exp]
+        parts = [str(exp)]
+        if n["flavor"] > 1:
+            parts.append(str(flavor))
+        if n["beta"] > 1 or n["symmetric"] > 1:
+            parts.append(("±β=" if sym else "β=") + f"{abs(beta):g}")
+        labels.append(sep.join(parts))
+    return pd.Series(labels, index=df.index, dtype=object)
+
+
 def _layer_order(name: str) -> tuple:
     """s0, s1, ... then W01, W12, ..., W1x, ... then biases: output side first."""
     kind = {"s": 0, "W": 1, "b": 2}.get(name[:1], 3)
@@ -97,15 +123,16 @@ def sort_layers(names) -> list[str]:
 def training_curves(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False) -> Figure:
     """Train and test error (%) per epoch, mean ± std over trials, EP beside BPTT.
 
-    One row per experiment, columns train | test; each axes holds one line per algorithm.
+    One row per experiment (variant), columns train | test; each axes holds one line per algorithm.
     """
     df = df[df["metric"].isin(["train_error", "test_error"])]
-    experiments = list(dict.fromkeys(df["experiment"]))
+    df = df.assign(panel=variant_labels(df))
+    experiments = list(dict.fromkeys(df["panel"]))
     rows = max(1, len(experiments))
     fig = _new_figure(10, 2.9 * rows)
     axes = fig.subplots(rows, 2, squeeze=False)
     for r, exp in enumerate(experiments or [None]):
-        sub = df[df["experiment"] == exp] if exp is not None else df
+        sub = df[df["panel"] == exp] if exp is not None else df
         for c, metric in enumerate(("train_error", "test_error")):
             ax = axes[r][c]
             part = sub[sub["metric"] == metric]
@@ -122,6 +149,7 @@ def training_curves(df: pd.DataFrame, stem: str | os.PathLike, close: bool = Fal
                     ax.fill_between(x, mean - std, mean + std, color=ALGO_COLOR[algo], alpha=0.2, lw=0)
             what = "train" if metric == "train_error" else "test"
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(f"{what} error (%)")
             n = sub[sub["metric"] == metric].groupby("algorithm")["trial"].nunique().to_dict() if not part.empty else {}
             trials = ", ".join(f"{ALGO_LABEL.get(a, a)} n={k}" for a, k in sorted(n.items()))
@@ -140,12 +168,13 @@ def gdu_processes(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False
     """ΔEP(t) (solid) and −∇BPTT(t) (dashed) against t for the sampled units of every layer.
 
     Top row: neuron layers; bottom row: parameter layers. One colour per unit. Uses the first
-    experiment, β and trial found in ``df`` (rows with metric ``process``).
+    variant (experiment, flavour, nudging, β) and trial found in ``df`` (metric ``process``).
     """
     df = df[df["metric"] == "process"]
     if not df.empty:
         first = df.iloc[0]
-        df = df[(df["experiment"] == first["experiment"]) & (df["beta"] == first["beta"])]
+        for column in VARIANT:
+            df = df[df[column] == first[column]]
         df = df[df["trial"] == df["trial"].min()]
     neuron_layers = sort_layers(df.loc[df["quantity"] == "neurons", "layer"]) if not df.empty else []
     weight_layers = sort_layers(df.loc[df["quantity"] != "neurons", "layer"]) if not df.empty else []
@@ -180,7 +209,7 @@ def gdu_processes(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False
     handles = [Line2D([], [], color="k", ls="-", label="ΔEP(t) (solid)"),
                Line2D([], [], color="k", ls="--", label="−∇BPTT(t) (dashed)")]
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8)
-    name = df["experiment"].iloc[0] if not df.empty else ""
+    name = df["experiment"].iloc[0] + (" (symmetric ±β)" if df["symmetric"].iloc[0] else "") if not df.empty else ""
     desc = df["model_desc"].iloc[0] if not df.empty and "model_desc" in df else ""
     fig.suptitle(f"GDU processes: {name} ({desc})\n{settings_text(df)}; one colour per sampled unit",
                  fontsize=10)
@@ -190,18 +219,13 @@ def gdu_processes(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False
 
 # ----- RelMSE bars (Figs 3, 15) -------------------------------------------------------------------
 def relmse_bars(df: pd.DataFrame, stem: str | os.PathLike, log: bool = True, close: bool = False) -> Figure:
-    """RelMSE per layer, neurons (left) and parameters (right): one group of bars per experiment
-    (and β when an experiment has several), mean over trials with the std as error bar."""
+    """RelMSE per layer, neurons (top) and parameters (bottom): one group of bars per experiment
+    variant (see :func:`variant_labels`), mean over trials with the std as error bar."""
     df = df[(df["metric"] == "relmse") & (df["algorithm"] == "ep_vs_bptt")].copy()
-    if not df.empty:
-        several = df.groupby("experiment")["beta"].nunique()
-        df["group"] = [f"{e}\nβ={b:g}" if several.get(e, 1) > 1 else str(e)
-                       for e, b in zip(df["experiment"], df["beta"])]
-    else:
-        df["group"] = []
+    df["group"] = variant_labels(df, sep="\n")
     groups = list(dict.fromkeys(df["group"]))
-    fig = _new_figure(max(7.0, 1.3 * len(groups) * 2 + 2), 4.2)
-    axes = fig.subplots(1, 2, squeeze=False)[0]
+    fig = _new_figure(min(16.0, max(7.0, 0.9 * len(groups) + 3)), 7.5)
+    axes = fig.subplots(2, 1, squeeze=False)[:, 0]
     colors = matplotlib.colormaps["tab20"]
     for ax, quantity in zip(axes, ("neurons", "weights")):
         part = df[(df["quantity"] == "neurons") == (quantity == "neurons")]
@@ -226,7 +250,7 @@ def relmse_bars(df: pd.DataFrame, stem: str | os.PathLike, log: bool = True, clo
             ax.set_yscale("log")
         ax.grid(alpha=0.3, axis="y")
         if layers:
-            ax.legend(fontsize=7, title="layer", title_fontsize=7, ncols=2)
+            ax.legend(fontsize=7, title="layer", title_fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"RelMSE per layer (cf. paper Figs 3, 15) — {settings_text(df, ('dataset', 'backend', 'dtype'))}",
                  fontsize=10)
     save_figure(fig, stem, close)
@@ -281,19 +305,23 @@ def theorem1_plot(df: pd.DataFrame, stem: str | os.PathLike, layer: str | None =
                 label=label, gid="data")
     positive = lines[(lines["relmse"] > 0) & (lines["beta"] > 0)]
     if not positive.empty:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ylim = ax.get_ylim()
         b = np.array(sorted(positive["beta"].unique()))
-        anchor = positive.sort_values("beta").iloc[0]
-        for power, text in ((1, "∝ β"), (2, "∝ β²")):
-            ref = anchor["relmse"] * (b / anchor["beta"]) ** power
-            ax.plot(b, ref, ls=":", color="0.55", alpha=0.5, lw=1, label=text, gid="reference")
+        anchor = positive.sort_values(["beta", "relmse"]).iloc[0]  # lowest point at the smallest β
+        for power, text, style in ((1, "∝ β", ":"), (2, "∝ β²", "-.")):
+            ref = 0.3 * anchor["relmse"] * (b / anchor["beta"]) ** power  # a little below the data
+            ax.plot(b, ref, ls=style, color="0.5", alpha=0.6, lw=1, label=text, gid="reference")
+        ax.set_ylim(ylim)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("β (nudging strength, |β|)")
-    where = f"layer {layer}" if layer else f"mean over {quantity} layers"
+    where = f"layer {layer}" if layer else f"mean over {quantity.rstrip('s')} layers"
     ax.set_ylabel(f"RelMSE(ΔEP, −∇BPTT), {where}")
     name = ", ".join(dict.fromkeys(df["experiment"])) if "experiment" in df and not df.empty else ""
-    ax.set_title(f"Theorem 1: RelMSE → 0 as β → 0 — {name}\n{settings_text(df, ('T', 'K', 'dataset', 'backend', 'dtype'))}",
-                 fontsize=9)
+    settings = settings_text(df, ("T", "K", "dataset", "backend", "dtype"))
+    ax.set_title(f"Theorem 1: RelMSE → 0 as β → 0 — {name}\n{settings}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
         ax.legend(fontsize=8)

@@ -12,10 +12,11 @@ process samples). Columns (see :data:`COLUMNS`):
 =================  ==============================================================
 experiment         experiment name from the suite
 task               ``gdu`` or ``train``
-model, model_desc  spec.kind and spec.describe()
+model, model_desc  spec.kind and spec.describe(); activation, dt (the time step ε / leak)
 flavor, dataset    flavour; dataset name (``synthetic`` for the toy model's input)
 dtype, T, K, beta  phase settings; ``symmetric`` (bool) for ±β nudging
-epochs, batch_size training settings / GDU batch size
+epochs, batch_size training settings / GDU batch size; lrs: learning rates, input side
+                   first, joined by "-" (Table 4 order)
 trial, seed        trial index and the seed of its initial parameters and data
 algorithm          ``ep``, ``bptt`` or ``ep_vs_bptt``
 metric             gdu: ``relmse``, ``sign_agreement``, ``sign_both_zero``, ``cosine``
@@ -47,8 +48,8 @@ from pathlib import Path
 import pandas as pd
 
 COLUMNS = [
-    "run_id", "experiment", "task", "model", "model_desc", "flavor", "dataset", "dtype", "T", "K",
-    "beta", "symmetric", "epochs", "batch_size", "trial", "seed", "algorithm", "metric", "layer",
+    "run_id", "experiment", "task", "model", "model_desc", "activation", "dt", "flavor", "dataset", "dtype",
+    "T", "K", "beta", "symmetric", "lrs", "epochs", "batch_size", "trial", "seed", "algorithm", "metric", "layer",
     "quantity", "epoch", "t", "unit", "value", "compile_s", "run_s", "wall_time_s",
     "epbench_version", "git_commit", "git_dirty", "suite", "suite_hash", "backend", "framework",
     "framework_version", "device", "start_time",
@@ -76,7 +77,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -121,7 +125,7 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
     frame = frame[COLUMNS]
     for column in INT_COLUMNS:
         frame[column] = frame[column].fillna(-1).astype("int64")
-    for column in ("value", "compile_s", "run_s", "wall_time_s", "beta"):
+    for column in ("value", "compile_s", "run_s", "wall_time_s", "beta", "dt"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
     frame["symmetric"] = frame["symmetric"].replace("", False).astype(bool)
     frame["git_dirty"] = frame["git_dirty"].replace("", False).astype(bool)

@@ -73,16 +73,17 @@ def apply_options(experiments: list[Experiment], opts: RunOptions, cpu: bool) ->
             update["trials"] = opts.trials
         if opts.epochs and exp.train is not None:
             update["train"] = exp.train.model_copy(update={"epochs": opts.epochs})
-        if opts.quick:
-            update["trials"] = min(update.get("trials", exp.trials), QUICK["trials"])
+        if opts.quick:  # explicit --trials/--epochs/--dataset win over the quick defaults
+            if not opts.trials:
+                update["trials"] = min(exp.trials, QUICK["trials"])
             if exp.task == "gdu":
                 K = min(exp.phase.K, QUICK["gdu_K"])
                 T = max(K, min(exp.phase.T, QUICK["gdu_T"]))
                 update["phase"] = exp.phase.model_copy(update={"T": T, "K": K})
                 update["batch_size"] = min(exp.batch_size, QUICK["gdu_batch"])
             else:
-                train = update.get("train", exp.train)
-                update["train"] = train.model_copy(update={"epochs": min(train.epochs, QUICK["epochs"])})
+                if not opts.epochs:
+                    update["train"] = exp.train.model_copy(update={"epochs": min(exp.train.epochs, QUICK["epochs"])})
                 if not opts.dataset:
                     update["dataset"] = QUICK["train_dataset"]
                 update["n_train"] = min(exp.n_train or QUICK["max_train"], QUICK["max_train"])
@@ -241,6 +242,8 @@ def experiment_columns(exp: Experiment, trial: int) -> dict:
     spec = exp.model
     return {
         "experiment": exp.name, "task": exp.task, "model": spec.kind, "model_desc": spec.describe(),
+        "activation": spec.activation, "dt": spec.step,
+        "lrs": "-".join(f"{lr:g}" for lr in exp.train.lrs) if exp.train else "",
         "flavor": spec.flavor, "dataset": exp.dataset, "dtype": exp.dtype, "T": exp.phase.T,
         "K": exp.phase.K, "beta": exp.phase.beta, "symmetric": exp.phase.symmetric,
         "epochs": exp.train.epochs if exp.train else -1,

@@ -1,0 +1,614 @@
+"""Markdown report of a run directory: provenance, GDU (Table 3), Theorem 1, training
+(Tables 4 and 1), timing, and the figures of :mod:`epbench.figures`.
+
+``render_report(run_dir)`` reads ``results.parquet`` (or ``.csv``) and ``meta.json``, writes
+``report.md`` and ``figures/`` and nothing else; re-rendering replaces only those. Every number
+comes from the table, except the published values of :mod:`epbench.paper` (labelled so).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from epbench import figures as figs
+from epbench import paper
+from epbench.results import atomic_write_text, read_meta, read_table, to_frame
+
+FIGURES = "figures"
+REPORT = "report.md"
+LR_COLUMNS = ("lrs", "learning_rates", "lr")
+
+
+# ----- small helpers -----------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "x"
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _isnum(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _g(v, digits: int = 3) -> str:
+    """General format: 0.0031, 0.049, 1.2e-07; '—' when missing."""
+    return f"{v:.{digits}g}" if _isnum(v) else "—"
+
+
+def _f(v, digits: int = 2) -> str:
+    return f"{v:.{digits}f}" if _isnum(v) else "—"
+
+
+def _pm(mean, std, digits: int = 2) -> str:
+    if not _isnum(mean):
+        return "—"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if _isnum(std) else f"{mean:.{digits}f} ± n/a"
+
+
+def parse_model_desc(desc: str) -> dict:
+    """Activation and dt (ε of EB/toy, leak of P) from ``ModelSpec.describe()``."""
+    act = re.search(r"\b(hard_sigmoid|sigmoid|tanh)\b", str(desc))
+    dt = re.search(r"\bdt=([0-9.eE+-]+)", str(desc))
+    return {"activation": act.group(1) if act else "", "dt": float(dt.group(1)) if dt else float("nan")}
+
+
+def _groups(df: pd.DataFrame, keys: list[str]):
+    """groupby in order of first appearance."""
+    if df.empty:
+        return []
+    return list(df.groupby(keys, sort=False))
+
+
+def _layer_means(rows: pd.DataFrame) -> dict[str, float]:
+    """Per-layer mean over trials, layers output side first."""
+    if rows.empty:
+        return {}
+    means = rows.groupby("layer")["value"].mean()
+    return {layer: float(means[layer]) for layer in figs.sort_layers(means.index)}
+
+
+def _is_neuron(layer: str) -> bool:
+    return str(layer).startswith("s")
+
+
+# ----- GDU (Table 3) -------------------------------------------------------------------------------
+def _sanity(preset: str | None, rel: dict[str, float], batch_size: int, desc: dict, kind: str,
+            at_table3: bool = True) -> tuple[str, str]:
+    """("in range" | "out of range" | "", detail) against FACTS §8 (official code only)."""
+    ref = paper.SANITY.get(preset or "")
+    if ref is None:
+        return "", "no §8 reference"
+    bad, checked = [], 0
+    neurons = [l for l in rel if _is_neuron(l)]
+    weights = [l for l in rel if l.startswith("W")]
+    for i, layer in enumerate(neurons):
+        expected = ref.neuron_value(i)
+        if expected is None:
+            continue
+        checked += 1
+        if not paper.within_factor(rel[layer], expected, expected):
+            bad.append(f"{layer} {_g(rel[layer], 2)} (ref {_g(expected)})")
+    for i, layer in enumerate(weights):
+        span = ref.weight_range(i)
+        if span is None:
+            continue
+        checked += 1
+        if not paper.within_factor(rel[layer], *span):
+            shown = _g(span[0]) if span[0] == span[1] else f"{_g(span[0])}-{_g(span[1])}"
+            bad.append(f"{layer} {_g(rel[layer], 2)} (ref {shown})")
+    if not checked:
+        return "", "nothing to compare"
+    notes = []
+    if batch_size > 0 and batch_size != ref.batch_size:
+        notes.append(f"§8 used B={ref.batch_size}")
+    if kind == "p" and _isnum(desc["dt"]) and desc["dt"] != 1.0:
+        notes.append("§8 used dt=1")
+    if not at_table3:
+        notes.append("settings differ from Table 3")
+    detail = "; ".join(bad + notes)
+    return ("out of range" if bad else "in range"), detail
+
+
+def summarize_gdu(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per GDU experiment × flavour × nudging × β: settings, per-layer means over trials
+    (``relmse_<layer>``, ``sign_<layer>``, ``cosine_<layer>``), their ranges, the first-phase
+    convergence, and the FACTS §8 check of official-code rows (``sanity``, ``sanity_detail``)."""
+    gdu = df[df["task"] == "gdu"] if "task" in df else df.iloc[0:0]
+    records = []
+    for (exp, _, symmetric, beta), rows in _groups(gdu, figs.VARIANT):
+        first = rows.iloc[0]
+        preset = paper.preset_key(first.to_dict())
+        desc = parse_model_desc(first["model_desc"])
+        pair = rows[rows["algorithm"] == "ep_vs_bptt"]
+        rel = _layer_means(pair[pair["metric"] == "relmse"])
+        sign = _layer_means(pair[pair["metric"] == "sign_agreement"])
+        zero = _layer_means(pair[pair["metric"] == "sign_both_zero"])
+        cos = _layer_means(pair[pair["metric"] == "cosine"])
+        conv = rows[(rows["metric"] == "convergence") & (rows["algorithm"] == "ep")]["value"]
+        rec = {
+            "experiment": exp, "preset": preset or "", "flavor": first["flavor"], "model": first["model"],
+            "model_desc": first["model_desc"], "activation": desc["activation"], "dt": desc["dt"],
+            "T": int(first["T"]), "K": int(first["K"]), "beta": float(beta), "symmetric": bool(symmetric),
+            "dtype": first["dtype"], "dataset": first["dataset"], "batch_size": int(first["batch_size"]),
+            "n_trials": int(rows["trial"].nunique()),
+            "neuron_layers": ",".join(l for l in rel if _is_neuron(l)),
+            "weight_layers": ",".join(l for l in rel if not _is_neuron(l)),
+            "convergence": float(conv.mean()) if len(conv) else float("nan"),
+            "convergence_max": float(conv.max()) if len(conv) else float("nan"),
+            "sign_min": min(sign.values()) if sign else float("nan"),
+            "sign_max": max(sign.values()) if sign else float("nan"),
+            "both_zero_max": max(zero.values()) if zero else float("nan"),
+            "cosine_min": min(cos.values()) if cos else float("nan"),
+            "cosine_max": max(cos.values()) if cos else float("nan"),
+        }
+        rec.update({f"relmse_{k}": v for k, v in rel.items()})
+        rec.update({f"sign_{k}": v for k, v in sign.items()})
+        rec.update({f"cosine_{k}": v for k, v in cos.items()})
+        ref3 = paper_table3(preset)
+        if ref3 is None:
+            rec["table3"] = ""
+        else:
+            diffs = [f"{n} {v:g} (paper {r:g})" for n, v, r in
+                     (("T", rec["T"], ref3[0]), ("K", rec["K"], ref3[1]), ("β", abs(rec["beta"]), ref3[2])) if v != r]
+            if rec["symmetric"]:
+                diffs.append("symmetric ±β (paper one-sided)")
+            rec["table3"] = "= Table 3" if not diffs else "differs: " + ", ".join(diffs)
+        if first["flavor"] == "official-code":
+            rec["sanity"], rec["sanity_detail"] = _sanity(preset, rel, rec["batch_size"], desc, first["model"],
+                                                     rec["table3"] == "= Table 3")
+        else:
+            rec["sanity"], rec["sanity_detail"] = "", ""
+        records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def paper_table3(preset: str | None) -> tuple[int, int, float] | None:
+    """(T, K, β) of Table 3 (published) for a preset row."""
+    from epbench.presets import TABLE3
+
+    if preset not in TABLE3:
+        return None
+    _, T, K, beta = TABLE3[preset]
+    return T, K, beta
+
+
+def _layers_text(row: pd.Series, prefix: str, layers: str, digits: int = 2) -> str:
+    names = [l for l in str(layers).split(",") if l]
+    return ", ".join(f"{l} {_g(row.get(f'{prefix}_{l}'), digits)}" for l in names) or "—"
+
+
+def _range_text(lo, hi, fmt) -> str:
+    if not _isnum(lo):
+        return "—"
+    return fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
+
+
+def _gdu_markdown(summary: pd.DataFrame) -> str:
+    header = ["experiment", "flavour", "activation", "T", "K", "β", "ε / dt", "B", "n", "RelMSE neurons",
+              "RelMSE weights", "same sign %", "cosine", "‖s_T − s_{T−1}‖", "Table 3 settings",
+              "vs §8 official code (×3)"]
+    rows = []
+    for _, r in summary.iterrows():
+        sign = _range_text(r["sign_min"], r["sign_max"], lambda v: f"{v:.1f}")
+        if _isnum(r["both_zero_max"]) and r["both_zero_max"] > 0:
+            sign += f" (both 0 ≤ {r['both_zero_max']:.1f})"
+        if r["sanity"]:
+            check = r["sanity"] + (f": {r['sanity_detail']}" if r["sanity_detail"] else "")
+        else:
+            check = r["sanity_detail"] or "—"
+        beta = f"±{abs(r['beta']):g}" if r["symmetric"] else f"{r['beta']:g}"
+        rows.append([r["experiment"], r["flavor"], r["activation"], r["T"], r["K"], beta, _g(r["dt"]),
+                     r["batch_size"], r["n_trials"], _layers_text(r, "relmse", r["neuron_layers"]),
+                     _layers_text(r, "relmse", r["weight_layers"]), sign,
+                     _range_text(r["cosine_min"], r["cosine_max"], lambda v: f"{v:.4f}"),
+                     _g(r["convergence"], 2), r["table3"] or "—", check])
+    return _table(header, rows)
+
+
+_FLAVOUR_WHY = {
+    "eb": ("the official code omits σ'(s⁰) on the EB output layer, so its Jacobian is not symmetric "
+           "(FACTS §7.1); it also adds biases and uses PyTorch's default initialisation (§7.3-4)"),
+    "toy": "the official code adds biases and uses PyTorch's default initialisation (FACTS §7.3-4)",
+    "p": ("the official code adds biases, uses PyTorch's default initialisation and, unless dt = 1 is "
+          "passed, a leak dt = 0.2 in the P dynamics (FACTS §7.2-4)"),
+    "pconv": "the official code adds biases and uses PyTorch's default initialisation (FACTS §7.3-4)",
+}
+
+
+def flavour_comparison(summary: pd.DataFrame) -> list[str]:
+    """One sentence per preset run in both flavours (same β and nudging where possible)."""
+    out = []
+    if summary.empty:
+        return out
+    for preset, rows in summary[summary["preset"] != ""].groupby("preset", sort=False):
+        one = rows[~rows["symmetric"]] if (~rows["symmetric"]).any() else rows
+        pap, off = one[one["flavor"] == "paper"], one[one["flavor"] == "official-code"]
+        if pap.empty or off.empty:
+            continue
+        common = sorted(set(pap["beta"]) & set(off["beta"]))
+        ref3 = paper_table3(preset)
+        if common:
+            beta = ref3[2] if ref3 and ref3[2] in common else common[0]
+            p, o = pap[pap["beta"] == beta].iloc[0], off[off["beta"] == beta].iloc[0]
+        else:
+            p, o = pap.iloc[0], off.iloc[0]
+        parts = []
+        for layers in (p["neuron_layers"], p["weight_layers"]):
+            for layer in [l for l in str(layers).split(",") if l and not l.startswith("b")]:
+                a, b = p.get(f"relmse_{layer}"), o.get(f"relmse_{layer}")
+                if _isnum(a) and _isnum(b):
+                    ratio = f" (×{b / a:.2g})" if a > 0 else ""
+                    parts.append(f"{layer} {_g(a, 2)} paper vs {_g(b, 2)} official code{ratio}")
+        if not parts:
+            continue
+        betas = (f"β = {p['beta']:g}" if p["beta"] == o["beta"]
+                 else f"β = {p['beta']:g} (paper), {o['beta']:g} (official code)")
+        dts = ""
+        if _isnum(p["dt"]) and _isnum(o["dt"]) and p["dt"] != o["dt"]:
+            dts = f" Here dt = {p['dt']:g} (paper) and {o['dt']:g} (official code)."
+        why = _FLAVOUR_WHY.get(str(p["model"]), "")
+        out.append(f"**{paper.DISPLAY.get(preset, preset)}** ({betas}), RelMSE: " + "; ".join(parts) + "."
+                   + (f" The flavours differ in that {why}." if why else "") + dts)
+    return out
+
+
+# ----- Theorem 1 -----------------------------------------------------------------------------------
+def _with_family(df: pd.DataFrame) -> pd.DataFrame:
+    """Copy of ``df`` with a ``family`` column: '<preset or experiment> T=.. K=.. <dtype>'."""
+    out = df.copy()
+    records = out[["experiment", "model", "model_desc"]].to_dict("records")
+    base = [paper.preset_key(r) or r["experiment"] for r in records]
+    out["family"] = [f"{b} T={T} K={K} {d}" for b, T, K, d in zip(base, out["T"], out["K"], out["dtype"])]
+    return out
+
+
+def summarize_theorem1(df: pd.DataFrame, layer: str | None = None) -> pd.DataFrame:
+    """β sweeps: per family (preset or experiment, T, K, dtype) with several β, RelMSE (mean over
+    neuron layers, or ``layer``) per (flavor, symmetric, β) and the fitted log-log slope."""
+    cols = ["family", "flavor", "symmetric", "beta", "relmse", "n", "slope"]
+    gdu = df[(df["task"] == "gdu") & (df["metric"] == "relmse") & (df["algorithm"] == "ep_vs_bptt")]
+    if gdu.empty:
+        return pd.DataFrame(columns=cols)
+    frames = []
+    for family, rows in _groups(_with_family(gdu), ["family"]):
+        lines = figs.theorem1_lines(rows, layer)
+        if lines.empty or lines.groupby(["flavor", "symmetric"])["beta"].nunique().max() < 2:
+            continue
+        slopes = {key: figs.fit_slope(g["beta"], g["relmse"]) for key, g in lines.groupby(["flavor", "symmetric"])}
+        lines = lines.assign(family=family[0] if isinstance(family, tuple) else family,
+                             slope=[slopes[k] for k in zip(lines["flavor"], lines["symmetric"])])
+        frames.append(lines)
+    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+
+
+def _theorem1_markdown(t1: pd.DataFrame, family: str) -> str:
+    rows = t1[t1["family"] == family]
+    keys = list(dict.fromkeys(zip(rows["flavor"], rows["symmetric"])))
+    header = ["β"] + [figs.line_label(f, bool(s)) for f, s in keys]
+    body = []
+    for beta in sorted(rows["beta"].unique(), reverse=True):
+        line = [f"{beta:g}"]
+        for f, s in keys:
+            v = rows[(rows["flavor"] == f) & (rows["symmetric"] == s) & (rows["beta"] == beta)]["relmse"]
+            line.append(_g(v.iloc[0]) if len(v) else "—")
+        body.append(line)
+    slopes = ["fitted slope (log-log)"]
+    for f, s in keys:
+        slopes.append(_f(rows[(rows["flavor"] == f) & (rows["symmetric"] == s)]["slope"].iloc[0]))
+    body.append(slopes)
+    return _table(header, body)
+
+
+# ----- training (Tables 4 and 1) -------------------------------------------------------------------
+def _final_per_trial(rows: pd.DataFrame) -> pd.Series:
+    rows = rows[rows["epoch"] >= 0] if (rows["epoch"] >= 0).any() else rows
+    return rows.sort_values("epoch").groupby("trial")["value"].last()
+
+
+def summarize_training(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per training experiment (variant): settings, final (last epoch) test error mean ± std
+    (sample std, n−1) and final train error mean per algorithm over the trials run, the
+    published Table 1 values (``paper_*``) and the differences run − published (``diff_*``)."""
+    train = df[df["task"] == "train"] if "task" in df else df.iloc[0:0]
+    records = []
+    for (exp, *_), rows in _groups(train, figs.VARIANT):
+        first = rows.iloc[0]
+        preset = paper.preset_key(first.to_dict())
+        desc = parse_model_desc(first["model_desc"])
+        rec = {"experiment": exp, "preset": preset or "", "flavor": first["flavor"], "model": first["model"],
+               "model_desc": first["model_desc"], "activation": desc["activation"], "dt": desc["dt"],
+               "T": int(first["T"]), "K": int(first["K"]), "beta": float(first["beta"]),
+               "symmetric": bool(first["symmetric"]), "epochs": int(first["epochs"]),
+               "batch_size": int(first["batch_size"]), "dataset": first["dataset"], "dtype": first["dtype"]}
+        lr_col = next((c for c in LR_COLUMNS if c in rows.columns), None)
+        rec["lrs"] = str(first[lr_col]) if lr_col else ""
+        tests = rows[rows["metric"] == "test_error"]
+        rec["epochs_run"] = int(tests.loc[tests["epoch"] >= 0, "epoch"].nunique()) if len(tests) else 0
+        for algo in ("ep", "bptt"):
+            test = _final_per_trial(tests[tests["algorithm"] == algo])
+            tr = _final_per_trial(rows[(rows["metric"] == "train_error") & (rows["algorithm"] == algo)])
+            div = rows[(rows["metric"] == "diverged") & (rows["algorithm"] == algo)]
+            etime = rows[(rows["metric"] == "epoch_time_s") & (rows["algorithm"] == algo)]["value"]
+            rec[f"n_{algo}"] = int(len(test))
+            rec[f"{algo}_test_mean"] = float(test.mean()) if len(test) else float("nan")
+            rec[f"{algo}_test_std"] = float(test.std(ddof=1)) if len(test) > 1 else float("nan")
+            rec[f"{algo}_train_mean"] = float(tr.mean()) if len(tr) else float("nan")
+            rec[f"{algo}_diverged"] = int(div.groupby("trial")["value"].max().gt(0).sum()) if len(div) else 0
+            rec[f"{algo}_epoch_time_s"] = float(etime.mean()) if len(etime) else float("nan")
+        pub = paper.TABLE1.get(preset or "")
+        for algo in ("ep", "bptt"):
+            for what in ("test", "test_std", "train"):
+                rec[f"paper_{algo}_{what}"] = getattr(pub, f"{algo}_{what}") if pub else float("nan")
+            rec[f"diff_{algo}_test"] = rec[f"{algo}_test_mean"] - rec[f"paper_{algo}_test"]
+        rec["paper_epochs"] = pub.epochs if pub else -1
+        reasons = []
+        if pub:
+            if str(rec["dataset"]).lower() != "mnist":
+                reasons.append(f"dataset {rec['dataset']}")
+            if rec["epochs_run"] < pub.epochs:
+                reasons.append(f"{rec['epochs_run']} of {pub.epochs} epochs")
+            if (rec["T"], rec["K"]) != (pub.T, pub.K):
+                reasons.append(f"T={rec['T']}, K={rec['K']} (paper {pub.T}, {pub.K})")
+            for algo in ("ep", "bptt"):
+                if rec[f"n_{algo}"] == 0:
+                    reasons.append(f"no {algo.upper()} run")
+            ran = [n for n in (rec["n_ep"], rec["n_bptt"]) if n]
+            if ran and min(ran) < pub.trials:
+                reasons.append(f"{min(ran)} of {pub.trials} trials")
+        rec["not_comparable"] = "; ".join(reasons)
+        records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def _table4_diff(rec: pd.Series) -> str:
+    from epbench.presets import TABLE4
+
+    if rec["preset"] not in TABLE4:
+        return "no Table 4 row"
+    kw, T, K, beta, epochs, lrs = TABLE4[rec["preset"]]
+    diffs = []
+    for name, ours, ref in (("activation", rec["activation"], kw.get("activation")), ("T", rec["T"], T),
+                            ("K", rec["K"], K), ("β", rec["beta"], beta), ("epochs", rec["epochs"], epochs)):
+        if ours != ref:
+            both = _isnum(ours) and _isnum(ref)
+            diffs.append(f"{name} {ours:g} (paper {ref:g})" if both else f"{name} {ours} (paper {ref})")
+    eps = kw.get("dt")
+    if kw.get("kind") == "eb" and _isnum(rec["dt"]) and eps != rec["dt"]:
+        diffs.append(f"ε {rec['dt']:g} (paper {eps:g})")
+    return "= Table 4" if not diffs else "differs: " + ", ".join(diffs)
+
+
+def _training_markdown(summary: pd.DataFrame) -> tuple[str, str]:
+    from epbench.presets import TABLE4
+
+    settings = []
+    for _, r in summary.iterrows():
+        lrs = r["lrs"] or "—"
+        pub_lrs = "-".join(f"{v:g}" for v in TABLE4[r["preset"]][5]) if r["preset"] in TABLE4 else "—"
+        settings.append([r["experiment"], r["flavor"], r["activation"], r["T"], r["K"], f"{r['beta']:g}",
+                         _g(r["dt"]), r["epochs"], r["batch_size"], lrs, pub_lrs, r["dataset"], r["dtype"],
+                         _table4_diff(r)])
+    t4 = _table(["experiment", "flavour", "activation", "T", "K", "β", "ε / dt", "epochs", "batch",
+                 "learning rates (run)", "learning rates (Table 4, published)", "dataset", "dtype", "vs Table 4"],
+                settings)
+    results = []
+    for _, r in summary.iterrows():
+        div = ", ".join(f"{a.upper()} {r[f'{a}_diverged']}" for a in ("ep", "bptt") if r[f"{a}_diverged"])
+        results.append([
+            r["experiment"], r["epochs_run"],
+            f"{_pm(r['ep_test_mean'], r['ep_test_std'])} (n={r['n_ep']})", _f(r["ep_train_mean"]),
+            f"{_pm(r['bptt_test_mean'], r['bptt_test_std'])} (n={r['n_bptt']})", _f(r["bptt_train_mean"]),
+            _pm(r["paper_ep_test"], r["paper_ep_test_std"]), _f(r["paper_ep_train"]),
+            _pm(r["paper_bptt_test"], r["paper_bptt_test_std"]), _f(r["paper_bptt_train"]),
+            f"{r['diff_ep_test']:+.2f}" if _isnum(r["diff_ep_test"]) else "—",
+            f"{r['diff_bptt_test']:+.2f}" if _isnum(r["diff_bptt_test"]) else "—",
+            div or "—", r["not_comparable"] or ("—" if r["preset"] in paper.TABLE1 else "no Table 1 row")])
+    t1 = _table(["experiment", "epochs run", "EP test %", "EP train %", "BPTT test %", "BPTT train %",
+                 "published EP test %", "published EP train %", "published BPTT test %",
+                 "published BPTT train %", "Δ EP test", "Δ BPTT test", "diverged trials",
+                 "not comparable because"], results)
+    return t4, t1
+
+
+# ----- timing ------------------------------------------------------------------------------------
+def summarize_timing(df: pd.DataFrame) -> pd.DataFrame:
+    """Per experiment × trial: wall time (summed over the variants of a sweep), and sums of
+    compile_s / run_s over distinct measurements (rows repeating one measurement's timings count once)."""
+    cols = ["experiment", "trial", "task", "wall_time_s", "compile_s", "run_s", "ep_epoch_time_s",
+            "bptt_epoch_time_s"]
+    records = []
+    for (exp, trial), rows in _groups(df, ["experiment", "trial"]):
+        # a GDU measurement gives rows of all three algorithms; training measures EP and BPTT apart
+        rows = rows.assign(measured=np.where(rows["task"] == "train", rows["algorithm"], ""))
+        meas = rows.drop_duplicates(figs.VARIANT[1:] + ["measured", "epoch", "compile_s", "run_s"])
+        rec = {"experiment": exp, "trial": int(trial), "task": rows["task"].iloc[0],
+               "wall_time_s": float(rows.groupby(figs.VARIANT[1:])["wall_time_s"].max().sum()),
+               "compile_s": float(meas["compile_s"].sum(min_count=1)),
+               "run_s": float(meas["run_s"].sum(min_count=1))}
+        for algo in ("ep", "bptt"):
+            et = rows[(rows["metric"] == "epoch_time_s") & (rows["algorithm"] == algo)]["value"]
+            rec[f"{algo}_epoch_time_s"] = float(et.mean()) if len(et) else float("nan")
+        records.append(rec)
+    return pd.DataFrame.from_records(records, columns=cols)
+
+
+def _timing_markdown(timing: pd.DataFrame) -> str:
+    rows = [[r["experiment"], r["trial"], r["task"], _f(r["wall_time_s"], 1), _f(r["compile_s"], 2),
+             _f(r["run_s"], 2), _f(r["ep_epoch_time_s"], 2), _f(r["bptt_epoch_time_s"], 2)]
+            for _, r in timing.iterrows()]
+    total = {c: timing[c].sum(min_count=1) for c in ("wall_time_s", "compile_s", "run_s")}
+    rows.append(["**total**", "", "", _f(total["wall_time_s"], 1), _f(total["compile_s"], 2),
+                 _f(total["run_s"], 2), "", ""])
+    return _table(["experiment", "trial", "task", "wall time (s)", "Σ compile_s", "Σ run_s",
+                   "EP s/epoch (mean)", "BPTT s/epoch (mean)"], rows)
+
+
+# ----- the report --------------------------------------------------------------------------------
+def _one_beta(gdu: pd.DataFrame, one_sided: bool = False) -> pd.DataFrame:
+    """Rows of each experiment × flavour × nudging at one β: Table 3's when it was run, else the
+    largest |β|; with ``one_sided``, symmetric nudging is dropped where one-sided was run too."""
+    keep = []
+    for _, rows in _groups(gdu, ["experiment", "flavor"]):
+        if one_sided and (~rows["symmetric"]).any():
+            rows = rows[~rows["symmetric"]]
+        for _, part in _groups(rows, ["symmetric"]):
+            keep.append(_at_one_beta(part))
+    return pd.concat(keep) if keep else gdu
+
+
+def _at_one_beta(rows: pd.DataFrame) -> pd.DataFrame:
+    betas = list(dict.fromkeys(rows["beta"]))
+    ref3 = paper_table3(paper.preset_key(rows.iloc[0].to_dict()))
+    beta = ref3[2] if ref3 and ref3[2] in betas else max(betas, key=abs)
+    return rows[rows["beta"] == beta]
+
+
+def _image(title: str, stem: str) -> str:
+    return f"![{title}]({FIGURES}/{stem}.png)\n\n[{stem}.svg]({FIGURES}/{stem}.svg)"
+
+
+def _distinct(df: pd.DataFrame, column: str) -> str:
+    if column not in df or df.empty:
+        return ""
+    return ", ".join(str(v) for v in dict.fromkeys(df[column].astype(str)) if v not in ("", "nan"))
+
+
+def _header(df: pd.DataFrame, meta: dict) -> list[str]:
+    def pick(key, column=None):
+        value = meta.get(key)
+        return str(value) if value not in (None, "") else _distinct(df, column or key) or "unknown"
+
+    suite = pick("suite")
+    commit = pick("git_commit")
+    dirty = meta.get("git_dirty", bool(df["git_dirty"].any()) if "git_dirty" in df and len(df) else False)
+    host = meta.get("host") or {}
+    host_text = ", ".join(f"{k} {v}" for k, v in host.items()) if isinstance(host, dict) else str(host)
+    info = [
+        ("suite", f"{suite}" + (f" (`{meta['suite_path']}`)" if meta.get("suite_path") else "")
+         + (f", hash {meta['suite_hash']}" if meta.get("suite_hash") else "")),
+        ("backend", pick("backend")), ("device", pick("device")),
+        ("framework", f"{pick('framework')} {pick('framework_version')}"),
+        ("dtype", _distinct(df, "dtype") or "unknown"), ("epbench version", pick("epbench_version")),
+        ("git commit", f"{commit} ({'dirty: uncommitted changes' if dirty else 'clean'})"),
+        ("started", pick("started", "start_time")), ("finished", str(meta.get("finished", "unknown"))),
+        ("status", str(meta.get("status", "unknown"))),
+        ("quick", "yes" if meta.get("quick") else "no"),
+        ("overrides", ", ".join(f"`{o}`" for o in meta.get("overrides") or []) or "none"),
+        ("host", host_text or "unknown"),
+        ("table", f"{len(df)} rows, {df['experiment'].nunique() if len(df) else 0} experiments"),
+    ]
+    lines = [f"# epbench report: {suite}", "",
+             "Equilibrium Propagation vs BPTT (Ernoult et al., NeurIPS 2019). "
+             "Published values below come from the paper (FACTS §5, §8), every other number from this run's table.",
+             "", _table(["", ""], [[f"**{k}**", v] for k, v in info]), "", "Command:", "",
+             "```", str(meta.get("command", "unknown")), "```", ""]
+    return lines
+
+
+def render_report(run_dir: str | os.PathLike) -> Path:
+    """Write ``report.md`` and ``figures/*.png|svg`` for a run directory; return the report's path."""
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    try:
+        df = read_table(run_dir)
+    except FileNotFoundError:  # nothing ran (e.g. every experiment skipped)
+        df = to_frame([])
+    fig_dir = run_dir / FIGURES
+    fig_dir.mkdir(exist_ok=True)
+    made: set[str] = set()
+
+    def figure(fn, data, stem, **kw) -> str:
+        fn(data, fig_dir / stem, close=True, **kw)
+        made.add(stem)
+        return stem
+
+    out = _header(df, meta)
+    reductions = meta.get("reductions") or []
+    if reductions:
+        out += ["## Reduced run: not comparable with the paper", "",
+                "> **Warning.** This run was reduced relative to the paper's settings. Its numbers are "
+                "**not comparable** with the published values; they check that the harness works, "
+                "not that the paper's results are reproduced.", ""]
+        out += [f"- {r}" for r in reductions] + [""]
+    status = meta.get("status")
+    if status not in (None, "complete"):
+        out += [f"> **Warning.** Run status: {status}. The table may hold only part of the suite.", ""]
+    skipped = meta.get("skipped") or []
+    if skipped:
+        out += ["## Skipped experiments", "",
+                _table(["experiment", "reason"],
+                       [[s.get("experiment", "?"), s.get("reason", "")] for s in skipped]), ""]
+    if df.empty:
+        out += ["The results table is empty.", ""]
+
+    gdu = df[df["task"] == "gdu"]
+    if not gdu.empty:
+        summary = summarize_gdu(df)
+        out += ["## GDU property: EP updates vs BPTT gradients (Table 3)", "",
+                "RelMSE(ΔEP, −∇BPTT) per layer (mean over trials; 0 means identical processes), % of "
+                "parameters whose cumulative EP update and −BPTT gradient share a sign, cosine similarity "
+                "(range over layers), and the first-phase convergence ‖s_T − s_{T−1}‖. Official-code rows are "
+                "checked against the FACTS §8 magnitudes of the official code (in range = within a factor of "
+                f"{paper.SANITY_FACTOR:g}).", "", _gdu_markdown(summary), ""]
+        sentences = flavour_comparison(summary)
+        if sentences:
+            out += ["### Paper flavour vs official-code flavour", ""] + [f"- {s}" for s in sentences] + [""]
+        bars = figure(figs.relmse_bars, _one_beta(gdu), "relmse-bars")
+        out += ["### Figures", "", "RelMSE per layer (one β per experiment: Table 3's where it was run):", "",
+                _image("RelMSE per layer", bars), ""]
+        processes = _one_beta(gdu[gdu["metric"] == "process"], one_sided=True)
+        several = processes.groupby("experiment")["flavor"].nunique() if len(processes) else {}
+        for (exp, flavor), rows in _groups(processes, ["experiment", "flavor"]):
+            name = f"{exp} ({flavor})" if several[exp] > 1 else exp
+            stem = figure(figs.gdu_processes, rows,
+                          f"process-{_slug(exp)}" + (f"-{_slug(flavor)}" if several[exp] > 1 else ""))
+            nudge = "±β" if rows["symmetric"].iloc[0] else "β"
+            out += [f"GDU processes of {name} ({nudge} = {abs(rows['beta'].iloc[0]):g}):", "",
+                    _image(f"GDU processes {name}", stem), ""]
+
+        t1 = summarize_theorem1(df)
+        if not t1.empty:
+            out += ["## Theorem 1: RelMSE against β", "",
+                    "RelMSE averaged over the neuron layers. Theorem 1 predicts RelMSE → 0 as β → 0 for the "
+                    "paper's energy-based models: about ∝ β with one-sided nudging, ∝ β² with symmetric "
+                    "nudging (FACTS §9); asymmetric variants level off at a floor.", ""]
+            families = _with_family(gdu)
+            for family in dict.fromkeys(t1["family"]):
+                stem = figure(figs.theorem1_plot, families[families["family"] == family],
+                              f"theorem1-{_slug(family)}")
+                out += [f"### {family}", "", _theorem1_markdown(t1, family), "",
+                        _image(f"Theorem 1 {family}", stem), ""]
+
+    train = df[df["task"] == "train"]
+    if not train.empty:
+        summary = summarize_training(df)
+        t4, t1md = _training_markdown(summary)
+        out += ["## Training on MNIST (Tables 4 and 1)", "", "### Settings (Table 4)", "", t4, "",
+                "### Final errors (Table 1)", "",
+                "Test error at the last epoch: mean ± sample std (n−1) over the trials run (n); train error: "
+                "mean at the last epoch. Published: Table 1 of the paper (5 trials). Δ = run − published.", "",
+                t1md, "", _image("Training curves", figure(figs.training_curves, train, "training-curves")), ""]
+
+    if not df.empty:
+        out += ["## Timing", "", _timing_markdown(summarize_timing(df)), ""]
+
+    for stale in fig_dir.glob("*"):
+        if stale.suffix in (".png", ".svg") and stale.stem not in made:
+            stale.unlink()
+    path = run_dir / REPORT
+    atomic_write_text(path, "\n".join(out))
+    return path
