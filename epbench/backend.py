@@ -169,7 +169,8 @@ class Backend(ABC):
 
     def step_function(self, spec: ModelSpec, params: Params, x: np.ndarray,
                       states: list[np.ndarray]) -> list[np.ndarray] | None:
-        """F(x, s, θ) for one free step (optional: used by the conformance kit)."""
+        """F(x, s, θ) = s + h·dsdt(s): one free step *before* the clamp (optional: used by the
+        conformance kit)."""
         return None
 
     def phi(self, spec: ModelSpec, params: Params, x: np.ndarray, states: list[np.ndarray]) -> float | None:

@@ -201,6 +201,22 @@ def data_download(name, dest):
 
 
 @cli.command()
+@click.argument("name")
+@click.option("--reference", default="torch-cpu", show_default=True, help="Backend to agree with ('' for none).")
+@click.option("--quick", is_flag=True, help="One dtype (float64), no β-sweep or training checks.")
+@click.option("-v", "--verbose", "show_all", is_flag=True, help="List passed and skipped checks too.")
+def check(name, reference, quick, show_all):
+    """Run the conformance kit on backend NAME (exit 1 if a check fails)."""
+    from epbench.testing import check_backend
+
+    _registry().backend(name)
+    report = check_backend(name, reference=reference or None, quick=quick)
+    click.echo(report.format(verbose=show_all))
+    if report.failed:
+        raise SystemExit(1)
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path())
 def report(run_dir):
     """Re-render RUN_DIR's report.md and figures from its results table."""
@@ -275,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=args, prog_name="epbench", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code

@@ -1,0 +1,171 @@
+"""The backend conformance kit (epbench.testing): it passes on the numpy example plugin and on
+the built-in CPU backends, and it catches deliberately wrong backends with a message that names
+the check, the model and the layer."""
+
+from __future__ import annotations
+
+import importlib.util
+import unittest
+
+import numpy as np
+import pytest
+
+import epbench.testing as kit
+from conftest import load_backend
+
+HAVE_NUMPY_PLUGIN = importlib.util.find_spec("epbench_numpy") is not None
+NO_NUMPY_PLUGIN = "epbench_numpy is not importable: pip install -e examples/epbench-numpy"
+NEEDS_NUMPY_PLUGIN = pytest.mark.skipif(not HAVE_NUMPY_PLUGIN, reason=NO_NUMPY_PLUGIN)
+
+
+def _numpy_checks():
+    if not HAVE_NUMPY_PLUGIN:
+        return [pytest.param(None, marks=pytest.mark.skip(reason=NO_NUMPY_PLUGIN), id="numpy-not-installed")]
+    return list(kit.generate_checks("numpy"))
+
+
+# ----- the kit passes on the backends ----------------------------------------------------------
+@pytest.mark.parametrize("check", _numpy_checks(), ids=str)
+def test_numpy_plugin_conformance(check):
+    """The author's three-line form, on the example plugin (reference: torch-cpu when registered)."""
+    check()
+
+
+@pytest.mark.parametrize("name", ["torch-cpu", "jax-cpu"])
+def test_builtin_backend_conformance_quick(name):
+    """The quick kit (float64, no variants, no symmetric nudging, no β-sweep, no training): the
+    full kit takes minutes of XLA compilation on jax-cpu, so it is the slow test below."""
+    load_backend(name)
+    report = kit.check_backend(name, reference="torch-cpu", quick=True)
+    assert report.ok, report.format()
+    assert len(report.passed) > 100, report.format(verbose=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["torch-cpu", "jax-cpu"])
+def test_builtin_backend_conformance_full(name):
+    load_backend(name)
+    report = kit.check_backend(name, reference="torch-cpu")
+    assert report.ok, report.format()
+    assert not report.select("theorem1", "skipped"), report.format(verbose=True)
+
+
+@NEEDS_NUMPY_PLUGIN
+def test_numpy_plugin_is_registered(monkeypatch):
+    from epbench.plugins import build_registry
+
+    monkeypatch.delenv("EPBENCH_DISABLE_PLUGINS", raising=False)
+    backends = build_registry().backends
+    assert "numpy" in backends
+    assert backends["numpy"].capabilities.kinds == ("eb", "p")
+
+
+# ----- deliberately wrong backends -------------------------------------------------------------
+def _numpy_backend_class():
+    from epbench_numpy.backend import NumpyBackend
+
+    return NumpyBackend
+
+
+@NEEDS_NUMPY_PLUGIN
+def test_kit_catches_a_flipped_ep_update():
+    class FlippedEP(_numpy_backend_class()):
+        """ep_update with the sign of one layer's update flipped (W1x: input → hidden)."""
+
+        name = "numpy-flipped-ep"
+
+        def ep_update(self, spec, params, x, y, phase):
+            update = super().ep_update(spec, params, x, y, phase)
+            if "W1x" in update:
+                update["W1x"] = -update["W1x"]
+            return update
+
+    report = kit.check_backend(FlippedEP(), reference=None, quick=True)
+    assert not report.ok
+    failed = {(r.name, r.layer) for r in report.failed}
+    assert ("ep_sum", "W1x") in failed and ("ep_phi", "W1x") in failed
+    assert {r.layer for r in report.failed} == {"W1x"}
+    msg = next(r.message for r in report.failed if r.name == "ep_sum" and r.model.startswith("eb 20-16-5"))
+    for part in ("ep_sum", "eb 20-16-5", "layer W1x", "measured error", "allowed 1e-09", "float64"):
+        assert part in msg, msg
+    with pytest.raises(kit.ConformanceError, match=r"ep_sum: eb 20-16-5 tanh \[paper, float64\] layer W1x"):
+        report.raise_for_failures()
+
+
+@NEEDS_NUMPY_PLUGIN
+def test_kit_catches_a_broken_prop4_recursion():
+    from epbench_numpy.model import Net
+
+    class LeakyNet(Net):
+        """The backward step of hidden layer s1 forgets the leak term (1 − h)·∂L/∂s1'."""
+
+        def vjp(self, s, u, a):
+            grads, dtheta = super().vjp(s, u, a)
+            grads[1] = grads[1] - (1.0 - self.h) * a[1]
+            return grads, dtheta
+
+    class BrokenBPTT(_numpy_backend_class()):
+        name = "numpy-broken-bptt"
+        net_class = LeakyNet
+
+    report = kit.check_backend(BrokenBPTT(), reference=None, quick=True,
+                               checks=("prop4_s", "bptt_fd", "prop4_theta", "ep_sum"))
+    failed = report.select("prop4_s", "failed")
+    assert any(r.model.startswith("eb 20-16-5") and r.layer == "s1" for r in failed), report.format()
+    msg = next(r.message for r in failed if r.layer == "s1" and r.model.startswith("eb"))
+    for part in ("prop4_s", "eb 20-16-5", "layer s1", "finite differences", "measured error", "allowed 1e-06"):
+        assert part in msg, msg
+    assert report.select("bptt_fd", "failed"), "the truncated BPTT gradient is wrong too"
+    # the sums of its own processes stay consistent, and EP is untouched
+    assert not report.select("prop4_theta", "failed") and not report.select("ep_sum", "failed")
+
+
+@NEEDS_NUMPY_PLUGIN
+def test_kit_catches_a_lossy_parameter_round_trip_and_wrong_capabilities():
+    from epbench.backend import Capabilities
+
+    class Lossy(_numpy_backend_class()):
+        name = "numpy-lossy"
+        capabilities = Capabilities(kinds=("eb", "p"), dtypes=("float64",))
+
+        def to_numpy(self, spec, params):
+            out = super().to_numpy(spec, params)
+            out["W01"] = out["W01"].astype(np.float32)  # drops precision on the way out
+            return out
+
+        def supports(self, spec, dtype):
+            return None  # claims everything, whatever capabilities say
+
+    report = kit.check_backend(Lossy(), reference=None, checks=("params", "supports"))
+    assert {r.layer for r in report.select("params", "failed")} == {"W01"}
+    assert "round trip must be exact" in report.select("params", "failed")[0].message
+    bad = report.select("supports", "failed")
+    assert bad and all("which capabilities do not declare" in r.message for r in bad)
+    assert any(r.layer.startswith("toy/") for r in bad)
+
+
+@NEEDS_NUMPY_PLUGIN
+def test_generated_checks_raise_and_skip_like_pytest_expects():
+    class FlippedEP(_numpy_backend_class()):
+        name = "numpy-flipped"
+
+        def ep_update(self, spec, params, x, y, phase):
+            update = super().ep_update(spec, params, x, y, phase)
+            return {k: (-v if k == "W12" else v) for k, v in update.items()}
+
+    checks = {str(c): c for c in kit.generate_checks(FlippedEP(), reference=None, quick=True)}
+    check_id, fn = checks["ep_sum[p-paper-float64]"]  # an (id, callable) pair
+    assert check_id == "ep_sum[p-paper-float64]"
+    with pytest.raises(kit.ConformanceError, match="ep_sum: p 20-16-16-5 tanh .* layer W12"):
+        checks["ep_sum[p-paper-float64]"]()
+    with pytest.raises(unittest.SkipTest, match="does not implement the toy model"):
+        checks["ep_sum[toy-paper-float64]"]()
+    assert all(r.passed for r in checks["ep_sum[eb-paper-float64]"]())
+    assert callable(fn)
+
+
+def test_an_unknown_backend_name_yields_one_skipping_check():
+    checks = list(kit.generate_checks("no-such-backend"))
+    assert len(checks) == 1
+    with pytest.raises(unittest.SkipTest, match="no-such-backend"):
+        checks[0]()
