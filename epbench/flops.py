@@ -12,8 +12,9 @@ from __future__ import annotations
 from epbench.spec import ModelSpec, PhaseSettings
 
 
-def _connections(spec: ModelSpec) -> tuple[float, float, float]:
-    """(input-drive FLOPs, FLOPs of one step, FLOPs of one ∂Φ/∂θ evaluation), per sample."""
+def _connections(spec: ModelSpec) -> tuple[float, float, float, float]:
+    """(input-drive FLOPs, FLOPs of one step, FLOPs of one ∂Φ/∂θ evaluation, the part of it
+    for the input-side weights), per sample."""
     if spec.kind == "pconv":
         c1, c2 = spec.channels
         k = spec.kernel
@@ -23,33 +24,34 @@ def _connections(spec: ModelSpec) -> tuple[float, float, float]:
         fc = 2 * spec.n_out * c2 * pool2 ** 2
         step = 2 * conv2 + 2 * fc  # Conv(s2, W12) and its transpose; W01 and W01ᵀ
         dphi = conv2 + fc + conv1  # one correlation per weight
-        return conv1, step, dphi
+        return conv1, step, dphi, conv1
     shapes = spec.param_shapes
     drive = sum(2 * shapes[w][0] * shapes[w][1] for w in spec.weight_names() if w.endswith("x"))
     recurrent = sum(2 * shapes[w][0] * shapes[w][1] for w in spec.weight_names() if not w.endswith("x"))
     step = 2 * recurrent
     dphi = drive + recurrent
-    return drive, step, dphi
+    return drive, step, dphi, drive
 
 
 def ep_train_flops(spec: ModelSpec, phase: PhaseSettings, batch: int) -> float:
     """One EP training step: drive, T free + K nudged steps, ∂Φ/∂θ at s* and at s^β_K."""
-    drive, step, dphi = _connections(spec)
+    drive, step, dphi, _ = _connections(spec)
     nudged = phase.K * (2 if phase.symmetric else 1)
     return batch * (drive + (phase.T + nudged) * step + (3 if phase.symmetric else 2) * dphi)
 
 
 def bptt_train_flops(spec: ModelSpec, phase: PhaseSettings, batch: int) -> float:
     """One BPTT training step: drive, T free steps, then over the span a vector-Jacobian
-    product per step (state part ≈ one step, parameter part ≈ one ∂Φ/∂θ)."""
-    drive, step, dphi = _connections(spec)
+    product per step (state part ≈ one step, recurrent-parameter part ≈ their ∂Φ/∂θ); the
+    input-side weights see a static input, so their gradient needs one product, not one per step."""
+    drive, step, dphi, dphi_input = _connections(spec)
     span = spec.bptt_span(phase.K)
-    return batch * (drive + phase.T * step + span * (step + dphi))
+    return batch * (drive + phase.T * step + span * (step + dphi - dphi_input) + dphi_input)
 
 
 def gdu_flops(spec: ModelSpec, phase: PhaseSettings, batch: int) -> float:
     """GDU processes: drive, T free steps, K+1 nudged steps with ∂Φ/∂θ at each, and the
     Prop. 4 sweep over K steps."""
-    drive, step, dphi = _connections(spec)
+    drive, step, dphi, _ = _connections(spec)
     K = phase.K
     return batch * (drive + phase.T * step + (K + 1) * (step + dphi) + K * (step + dphi))
