@@ -227,8 +227,10 @@ def report(run_dir):
     path = Path(run_dir)
     if not path.is_dir():
         raise EpbenchError(f"{run_dir}: no such run directory")
-    if not ((path / "results.parquet").exists() or (path / "results.csv").exists()):
-        raise EpbenchError(f"{run_dir}: not a run directory (no results.parquet or results.csv)")
+    from epbench.results import has_table
+
+    if not has_table(path):
+        raise EpbenchError(f"{run_dir}: not a run directory (no results.parquet or results.csv.gz)")
     click.echo(str(render_report(path)))
 
 

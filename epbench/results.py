@@ -1,8 +1,8 @@
 """The results store: one tidy table per run, with provenance on every row.
 
 Each run gets a new directory ``results/<UTC time>-<suite>-<backend>[-n]/`` holding
-``results.parquet`` and ``results.csv`` (the same table), ``suite.yaml`` (the suite as run,
-overrides applied), ``meta.json`` (the provenance once more) and, after rendering,
+``results.parquet`` and ``results.csv.gz`` (the same table; gzip since the process samples make
+it long), ``suite.yaml`` (the experiments as run, options and overrides applied), ``meta.json`` (the provenance once more) and, after rendering,
 ``report.md`` and ``figures/``. Nothing is ever overwritten; every file is written to a
 temporary name in the same directory and renamed into place.
 
@@ -38,6 +38,7 @@ provenance         run_id, epbench_version, git_commit, git_dirty, suite, suite_
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import os
 import re
@@ -57,7 +58,8 @@ COLUMNS = [
 INT_COLUMNS = ["T", "K", "epochs", "batch_size", "trial", "seed", "epoch", "t", "unit"]
 
 TABLE_PARQUET = "results.parquet"
-TABLE_CSV = "results.csv"
+TABLE_CSV = "results.csv.gz"
+TABLE_CSV_PLAIN = "results.csv"
 
 
 def git_provenance(path: str | os.PathLike | None = None) -> tuple[str, bool]:
@@ -136,13 +138,13 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def write_table(run_dir: Path, frame: pd.DataFrame) -> None:
-    """Write the table as parquet and CSV, atomically."""
-    import io
-
+    """Write the table as parquet and gzipped CSV, atomically."""
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     atomic_write_bytes(run_dir / TABLE_PARQUET, buffer.getvalue())
-    atomic_write_text(run_dir / TABLE_CSV, frame.to_csv(index=False))
+    csv = io.BytesIO()
+    frame.to_csv(csv, index=False, compression={"method": "gzip", "mtime": 0})
+    atomic_write_bytes(run_dir / TABLE_CSV, csv.getvalue())
 
 
 def read_table(run_dir: str | os.PathLike) -> pd.DataFrame:
@@ -150,9 +152,14 @@ def read_table(run_dir: str | os.PathLike) -> pd.DataFrame:
     run_dir = Path(run_dir)
     if (run_dir / TABLE_PARQUET).exists():
         return pd.read_parquet(run_dir / TABLE_PARQUET)
-    if (run_dir / TABLE_CSV).exists():
-        return pd.read_csv(run_dir / TABLE_CSV)
+    for name in (TABLE_CSV, TABLE_CSV_PLAIN):
+        if (run_dir / name).exists():
+            return pd.read_csv(run_dir / name)
     raise FileNotFoundError(f"{run_dir} holds no {TABLE_PARQUET} or {TABLE_CSV}")
+
+
+def has_table(run_dir: str | os.PathLike) -> bool:
+    return any((Path(run_dir) / name).exists() for name in (TABLE_PARQUET, TABLE_CSV, TABLE_CSV_PLAIN))
 
 
 def write_meta(run_dir: Path, meta: dict) -> None:

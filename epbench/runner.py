@@ -295,6 +295,7 @@ def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
         "status": "running",
     }
     write_meta(run_dir, meta)
+    write_suite_as_run(run_dir, suite, runnable)
     data = DataCache(opts.data_dir)
     rows: list[dict] = []
     total = sum(e.trials for e in runnable)
@@ -325,6 +326,17 @@ def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
             write_table(run_dir, to_frame(rows))
         write_meta(run_dir, meta)
     return run_dir
+
+
+def write_suite_as_run(run_dir: Path, suite: Suite, experiments: list[Experiment]) -> None:
+    """``suite.yaml``: the experiments exactly as run (sweeps expanded, options applied)."""
+    import yaml
+
+    from epbench.results import atomic_write_text
+
+    doc = {"name": suite.name, "description": suite.description,
+           "experiments": [e.model_dump(mode="json", exclude_none=True) for e in experiments]}
+    atomic_write_text(run_dir / "suite.yaml", yaml.safe_dump(doc, sort_keys=False))
 
 
 def _cores() -> int:

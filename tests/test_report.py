@@ -227,11 +227,11 @@ def test_rerender_leaves_results_untouched(tmp_path, frame):
     write_meta(run_dir, _meta(["1 epoch instead of 30"]))
     render_report(run_dir)
     parquet = run_dir / "results.parquet"
-    before = (parquet.stat().st_mtime_ns, parquet.read_bytes(), (run_dir / "results.csv").read_bytes())
+    before = (parquet.stat().st_mtime_ns, parquet.read_bytes(), (run_dir / "results.csv.gz").read_bytes())
     (run_dir / "figures" / "stale.png").write_bytes(b"x")
     first = (run_dir / "report.md").read_text()
     render_report(run_dir)
-    assert (parquet.stat().st_mtime_ns, parquet.read_bytes(), (run_dir / "results.csv").read_bytes()) == before
+    assert (parquet.stat().st_mtime_ns, parquet.read_bytes(), (run_dir / "results.csv.gz").read_bytes()) == before
     assert (run_dir / "report.md").read_text() == first
     assert not (run_dir / "figures" / "stale.png").exists()
 

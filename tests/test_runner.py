@@ -60,7 +60,7 @@ def test_table_has_every_column_and_provenance(tiny_run):
     _, _, run_dir = tiny_run
     table = pd.read_parquet(run_dir / "results.parquet")
     assert list(table.columns) == COLUMNS
-    csv = pd.read_csv(run_dir / "results.csv")
+    csv = pd.read_csv(run_dir / "results.csv.gz")
     assert len(csv) == len(table)
     assert (table["backend"] == "torch-cpu").all()
     assert table["framework_version"].str.startswith("2.").all()

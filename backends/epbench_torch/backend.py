@@ -44,12 +44,32 @@ def _ieee_float32(device_kind: str):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
+@contextlib.contextmanager
+def _cpu_threads(device_kind: str):
+    """CPU thread count for one call: ``$EPBENCH_NUM_THREADS``, one by default. The per-step
+    work (batch x 512 products, small convolutions) is too fine to split, and torch's OpenMP
+    threads collapse as soon as another process shares the cores (measured on 2 cores, the other
+    one busy: EB-3h 0.74 ms/step on one thread vs 7.2 on two; P-conv 3.4 vs 83)."""
+    if device_kind != "cpu":
+        yield
+        return
+    import torch
+
+    n = max(1, int(os.environ.get("EPBENCH_NUM_THREADS") or 1))
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _numerics(method):
-    """Run a computing method under :func:`_ieee_float32`."""
+    """Run a computing method under :func:`_ieee_float32` and :func:`_cpu_threads`."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with _ieee_float32(self.device_kind):
+        with _ieee_float32(self.device_kind), _cpu_threads(self.device_kind):
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -145,9 +165,20 @@ class TorchBackend(Backend):
     def to_numpy(self, spec: ModelSpec, params: dict) -> dict[str, np.ndarray]:
         return {k: self._np(params[k]).copy() for k in spec.param_shapes}
 
-    @_numerics
     def matmul_gflops(self, n: int = 2048, dtype: str = "float32", repeats: int = 10) -> float:
-        """Measured n×n matmul throughput (GFLOP/s) of this backend's device."""
+        """Measured n×n matmul throughput (GFLOP/s) of this backend's device, on all its cores."""
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        old = torch.get_num_threads()
+        torch.set_num_threads(cores)
+        try:
+            with _ieee_float32(self.device_kind):
+                return self._matmul_gflops(n, dtype, repeats)
+        finally:
+            torch.set_num_threads(old)
+
+    def _matmul_gflops(self, n: int, dtype: str, repeats: int) -> float:
         import torch
 
         dt, dev = self._dtype(dtype), self._device()

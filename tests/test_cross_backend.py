@@ -1,0 +1,135 @@
+"""jax-cpu and torch-cpu agree: same parameters, same batch, every kind and both flavours.
+
+First-phase states, ``ep_update``, ``bptt_grad`` and every GDU process must agree to 1e-10
+(norm-relative, ‖a − b‖ / ‖b‖) in float64 and to 1e-4 in float32.
+
+float32 runs use β = 1: EP processes are differences of nearby quantities divided by ep_scale,
+so their float32 rounding is amplified by 1/β. Even then, the per-step EP parameter processes
+ep_theta(t) = (∂Φ/∂θ(s^β_t) − ∂Φ/∂θ(s^β_{t−1})) / ep_scale and the EP update (their sum) of the
+input-side weights can carry more than 1e-4 of rounding in *any* float32 implementation (e.g.
+pconv's W2x, where ∂Φ/∂W2x sums over thousands of saturated units): for these two, jax-cpu must
+agree with torch-cpu to 1e-4, or be at most twice as far as torch-cpu float32 from the float64
+result (torch-cpu in float64, itself checked against jax-cpu to 1e-10).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from epbench.spec import ModelSpec, PhaseSettings
+from conftest import load_backend
+
+TOL = {"float64": 1e-10, "float32": 1e-4}
+
+#: id -> (model kwargs, T, K, β, batch, symmetric)
+CASES = {
+    "toy": (dict(kind="toy", n_in=10, hidden=(50,), n_out=5, activation="tanh", dt=0.08), 300, 20, 0.05, 4, False),
+    "eb-1h": (dict(kind="eb", hidden=(40,), activation="sigmoid", dt=0.2, clamp=True), 40, 8, 0.5, 5, False),
+    "eb-2h": (dict(kind="eb", hidden=(32, 24), activation="tanh", dt=0.08), 120, 15, 0.2, 4, True),
+    "p-1h": (dict(kind="p", hidden=(40,), activation="sigmoid"), 30, 8, 0.2, 5, False),
+    "p-2h": (dict(kind="p", hidden=(32, 24), activation="tanh"), 40, 10, 0.2, 4, True),
+    "pconv": (dict(kind="pconv", activation="hard_sigmoid"), 12, 4, 0.4, 2, False),
+}
+BETA_F32 = 1.0
+#: float32 EP θ processes: allowed ratio of jax-cpu's to torch-cpu's float32 error
+ROUNDING_FACTOR = 2.0
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return load_backend("jax-cpu"), load_backend("torch-cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models: torch is faster on one intra-op thread (and steadier on a busy machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def setting(case: str, flavor: str, dtype: str):
+    kw, T, K, beta, B, symmetric = CASES[case]
+    spec = ModelSpec(**kw, flavor=flavor)
+    phase = PhaseSettings(T=T, K=K, beta=beta if dtype == "float64" else max(beta, BETA_F32),
+                          symmetric=symmetric, dtype=dtype)
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0.0, 1.0, size=(B, *spec.input_shape))
+    y = np.eye(spec.n_out)[rng.integers(0, spec.n_out, B)]
+    return spec, phase, x, y
+
+
+def compare(jax_out, torch_out, tol, label, torch_f64=None):
+    """Norm-relative agreement; with ``torch_f64`` (float32 only), also accepted when jax-cpu is
+    at most ROUNDING_FACTOR times as far as torch-cpu from the float64 result."""
+    bad = {}
+    for k, b in torch_out.items():
+        r = rel(jax_out[k], b)
+        if r <= tol:
+            continue
+        if torch_f64 is not None and rel(jax_out[k], torch_f64[k]) <= ROUNDING_FACTOR * rel(b, torch_f64[k]):
+            continue
+        bad[k] = r
+    assert not bad, f"{label}: jax-cpu and torch-cpu differ: {bad}"
+
+
+def flat(g) -> dict:
+    return {
+        **{f"s_free[{i}]": v for i, v in enumerate(g.s_free)},
+        **{f"ep_s[{i}]": v for i, v in enumerate(g.ep_s)},
+        **{f"bptt_s[{i}]": v for i, v in enumerate(g.bptt_s)},
+        **{f"ep_theta[{k}]": v for k, v in g.ep_theta.items()},
+        **{f"bptt_theta[{k}]": v for k, v in g.bptt_theta.items()},
+    }
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("flavor", ["paper", "official-code"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_backends_agree(pair, case, flavor, dtype):
+    J, T = pair
+    spec, phase, x, y = setting(case, flavor, dtype)
+    p_np = J.init_params(spec, 3)
+    pj, pt = J.from_numpy(spec, p_np, dtype), T.from_numpy(spec, p_np, dtype)
+    tol = TOL[dtype]
+
+    gj, gt = J.gdu(spec, pj, x, y, phase), T.gdu(spec, pt, x, y, phase)
+    assert gj.s_free[0].dtype == np.dtype(dtype)
+    fj, ft = flat(gj), flat(gt)
+    assert set(fj) == set(ft)
+    ep_theta = {k for k in ft if k.startswith("ep_theta")}
+    ref_gdu = ref_ep = None
+    if dtype == "float32":  # torch-cpu in float64: the measure of its own float32 rounding
+        p64, phase64 = T.from_numpy(spec, p_np, "float64"), phase.model_copy(update={"dtype": "float64"})
+        ref_gdu = flat(T.gdu(spec, p64, x, y, phase64))
+        ref_ep = T.ep_update(spec, p64, x, y, phase64)
+    compare({k: fj[k] for k in ep_theta}, {k: ft[k] for k in ep_theta}, tol, "gdu", ref_gdu)
+    compare({k: fj[k] for k in ft if k not in ep_theta}, {k: ft[k] for k in ft if k not in ep_theta}, tol, "gdu")
+    assert gj.convergence == pytest.approx(gt.convergence, rel=1e-6 if dtype == "float64" else 1e-2, abs=1e-7)
+
+    compare(J.ep_update(spec, pj, x, y, phase), T.ep_update(spec, pt, x, y, phase), tol, "ep_update", ref_ep)
+    compare(J.bptt_grad(spec, pj, x, y, phase), T.bptt_grad(spec, pt, x, y, phase), tol, "bptt_grad")
+
+
+def test_first_phase_and_parameters_round_trip(pair):
+    """first_phase agrees, and parameters go through from_numpy/to_numpy unchanged."""
+    J, T = pair
+    spec, phase, x, _ = setting("p-2h", "official-code", "float64")
+    p_np = J.init_params(spec, 5)
+    pj = J.from_numpy(spec, p_np, "float64")
+    back = J.to_numpy(spec, pj)
+    assert set(back) == set(p_np) and all(np.array_equal(back[k], p_np[k]) for k in p_np)
+    sj = J.first_phase(spec, pj, x, 25)
+    st = T.first_phase(spec, T.from_numpy(spec, p_np, "float64"), x, 25)
+    for a, b in zip(sj, st):
+        assert rel(a, b) <= TOL["float64"]

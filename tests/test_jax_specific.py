@@ -1,0 +1,244 @@
+"""What is specific to the JAX backend: lazy import, the scoped float64 switch, compile time
+reported apart from run time, a clear error for a missing CUDA device, the convolution and
+pooling primitives, and the Prop. 4 BPTT processes against ``jax.grad`` through the unrolled
+last K steps with one copy of θ per step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from epbench.errors import BackendUnavailable
+from epbench.spec import ModelSpec, PhaseSettings, TrainSettings
+from conftest import load_backend
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+
+
+@pytest.fixture(scope="module")
+def jb():
+    return load_backend("jax-cpu")
+
+
+def small_batch(spec, B, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.0, 1.0, size=(B, *spec.input_shape))
+    y = np.eye(spec.n_out)[rng.integers(0, spec.n_out, B)]
+    return x, y
+
+
+def test_plugin_import_is_cheap():
+    """Importing the plugin and asking for availability without probing does not import JAX."""
+    code = ("import sys, epbench_jax.plugin as p; b = p.epbench_backends(); "
+            "print([x.availability().ok for x in b][0], 'jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]
+
+
+def test_float64_switch_does_not_leak(jb):
+    spec = ModelSpec(kind="p", n_in=12, hidden=(8,), n_out=4, activation="tanh")
+    x, y = small_batch(spec, 3, 0)
+    assert not jax.config.jax_enable_x64
+    p64 = jb.from_numpy(spec, jb.init_params(spec, 0), "float64")
+    assert all(v.dtype == jnp.float64 for v in p64.values())
+    g = jb.gdu(spec, p64, x, y, PhaseSettings(T=10, K=3, beta=0.1, dtype="float64"))
+    assert g.s_free[0].dtype == np.float64 and g.ep_theta["W01"].dtype == np.float64
+    # the rest of the process still has JAX's float32 default
+    assert not jax.config.jax_enable_x64
+    assert jnp.ones(3).dtype == jnp.float32
+    assert jnp.asarray(np.zeros(2, np.float64)).dtype == jnp.float32
+    assert (jnp.ones(2, jnp.float32) * 2.0).dtype == jnp.float32
+    # and a float32 call after a float64 one is float32 through and through
+    p32 = jb.from_numpy(spec, jb.init_params(spec, 0), "float32")
+    assert jb.first_phase(spec, p32, x, 10)[0].dtype == np.float32
+    assert jb.ep_update(spec, p32, x, y, PhaseSettings(T=10, K=3, beta=0.1))["W01"].dtype == np.float32
+    # float64 parameters stay float64 between calls
+    assert jb.first_phase(spec, p64, x, 10)[0].dtype == np.float64
+
+
+def test_compile_time_is_reported_apart_from_run_time(jb):
+    spec = ModelSpec(kind="eb", n_in=12, hidden=(8,), n_out=4, activation="tanh", dt=0.2)
+    x, y = small_batch(spec, 3, 1)
+    P = jb.from_numpy(spec, jb.init_params(spec, 1), "float32")
+    phase = PhaseSettings(T=13, K=4, beta=0.1)
+    first = jb.gdu(spec, P, x, y, phase).timings
+    again = jb.gdu(spec, P, x, y, phase).timings
+    assert set(first) == {"compile_s", "run_s"}
+    assert first["compile_s"] > 0 and first["run_s"] > 0
+    assert again["compile_s"] == 0.0 and again["run_s"] > 0  # the compiled program is cached
+    # another T is another program; β is an argument, so a new β is not
+    assert jb.gdu(spec, P, x, y, phase.model_copy(update={"T": 14})).timings["compile_s"] > 0
+    assert jb.gdu(spec, P, x, y, phase.model_copy(update={"beta": 0.05})).timings["compile_s"] == 0.0
+    res = jb.train_epoch(spec, P, np.tile(x, (4, 1)), np.arange(12) % 4, phase, TrainSettings(lrs=(0.1, 0.1),
+                         batch_size=3), "ep")
+    assert set(res.timings) == {"compile_s", "run_s"} and res.timings["compile_s"] > 0
+
+
+def test_jax_cuda_unavailable_is_a_clear_error():
+    from epbench.plugins import registry
+
+    backend = registry().backends.get("jax-cuda")
+    if backend is None:
+        pytest.skip("jax-cuda is not registered")
+    if backend.availability(probe=True).ok:
+        pytest.skip("a CUDA device is available here")
+    spec = ModelSpec(kind="p", n_in=12, hidden=(8,), n_out=4)
+    with pytest.raises(BackendUnavailable) as err:
+        backend.from_numpy(spec, backend.init_params(spec, 0), "float32")
+    message = str(err.value)
+    assert "jax-cuda" in message and "\n" not in message
+    x, y = small_batch(spec, 2, 0)
+    with pytest.raises(BackendUnavailable):
+        backend.gdu(spec, {}, x, y, PhaseSettings(T=3, K=1, beta=0.1))
+
+
+def test_divergence_stops_the_epoch(jb):
+    spec = ModelSpec(kind="p", n_in=12, hidden=(8,), n_out=4, activation="tanh")
+    rng = np.random.default_rng(2)
+    x, labels = rng.uniform(0, 1, (40, 12)), rng.integers(0, 4, 40)
+    P = jb.from_numpy(spec, jb.init_params(spec, 2), "float32")
+    res = jb.train_epoch(spec, P, x, labels, PhaseSettings(T=5, K=2, beta=0.5),
+                         TrainSettings(lrs=(float("inf"), 0.1), batch_size=10), "ep")
+    assert res.diverged
+    assert not all(np.isfinite(v).all() for v in jb.to_numpy(spec, res.params).values())
+
+
+# ----- primitives ---------------------------------------------------------------------------
+def test_convolution_and_pooling_primitives():
+    """Conv is torch's conv2d, ConvT its adjoint, the weight correlation its weight transpose,
+    and max-pooling keeps the first maximum of a window (row-major), as torch does."""
+    from jax import lax
+
+    from epbench_jax import models as M
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        z = jnp.asarray(rng.normal(size=(3, 4, 11, 11)))
+        w = jnp.asarray(rng.normal(size=(5, 4, 3, 3)))
+        g = jnp.asarray(rng.normal(size=(3, 5, 9, 9)))
+
+        def ref(v, k):
+            return lax.conv_general_dilated(v, k, (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+        nhwc, nchw = (lambda a: jnp.moveaxis(a, 1, -1)), (lambda a: jnp.moveaxis(a, -1, 1))
+        np.testing.assert_allclose(nchw(M.conv(nhwc(z), w)), ref(z, w), rtol=1e-12, atol=1e-12)
+        gz, gw = jax.vjp(ref, z, w)[1](g)
+        np.testing.assert_allclose(nchw(M.conv_t(nhwc(g), w)), gz, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(M.conv_weight_grad(nhwc(z), nhwc(g), w.shape), gw, rtol=1e-12, atol=1e-12)
+        # the custom derivatives of both products are the exact ones
+        gz2, gw2 = jax.vjp(lambda a, b: M.conv(a, b), nhwc(z), w)[1](nhwc(g))
+        np.testing.assert_allclose(nchw(gz2), gz, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(gw2, gw, rtol=1e-12, atol=1e-12)
+        h = jnp.asarray(rng.normal(size=(3, 11, 11, 4)))
+        dz, dw = jax.vjp(lambda a, b: M.conv_t(a, b), nhwc(g), w)[1](h)
+        rz, rw = jax.vjp(lambda a, b: jax.vjp(lambda v: ref(v, b), z)[1](a)[0], g, w)[1](nchw(h))
+        np.testing.assert_allclose(nchw(dz), rz, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dw, rw, rtol=1e-12, atol=1e-12)
+        # pooling: ties go to the first maximum, odd sides drop the last row/column
+        tie = jnp.asarray([[[[1.0], [1.0]], [[1.0], [0.0]]]])  # (1, 2, 2, 1): all but one equal
+        val, idx = M.pool(tie, 2)
+        assert float(val[0, 0, 0, 0]) == 1.0 and int(idx[0, 0, 0, 0]) == 0
+        odd = jnp.asarray(rng.normal(size=(2, 7, 7, 3)))
+        val, idx = M.pool(odd, 2)
+        up = M.unpool(val, idx, 2, 7)
+        assert up.shape == odd.shape and float(jnp.abs(up[:, 6]).max()) == 0.0
+        np.testing.assert_array_equal(jnp.sum(up, (1, 2)), jnp.sum(val, (1, 2)))
+        # its derivative goes to the argmax only
+        gpool = jax.grad(lambda a: jnp.sum(M.pool(a, 2)[0] * 3.0))(odd)
+        np.testing.assert_array_equal(gpool, 3.0 * (up != 0))
+    # hard-sigmoid clip: derivative 1 on the closed interval [0, 1], as torch.clamp
+    from epbench_jax.models import clip01
+
+    d = jax.vmap(jax.grad(clip01))(jnp.asarray([-0.5, 0.0, 0.5, 1.0, 1.5]))
+    np.testing.assert_array_equal(d, [0.0, 1.0, 1.0, 1.0, 0.0])
+
+
+# ----- Prop. 4 against the unrolled graph ---------------------------------------------------
+def unrolled_bptt(spec, params, x, y, s_start, K):
+    """∂L/∂s_{T−t} and ∂L/∂θ_{T−t} (one copy θ_t per step, drive included) by jax.grad through
+    K unrolled steps from s_start = s_{T−K}; ``models`` supplies the step only."""
+    from epbench_jax import models as M
+
+    u = M.input_of(spec, jnp.asarray(x))
+    s0 = M.to_internal(spec, [jnp.asarray(v) for v in s_start])
+    y = jnp.asarray(y)
+
+    def loss(thetas, eps):
+        s = tuple(a + e for a, e in zip(s0, eps[0]))
+        for t in range(K):
+            ps, pd = M.split_params(spec, thetas[t])
+            d, _ = M.drive(spec, pd, u)
+            s = M.step(spec, M.step_layout(spec, ps), d, s)
+            s = tuple(a + e for a, e in zip(s, eps[t + 1]))
+        return jnp.sum((s[0] - y) ** 2) / (2 * y.shape[0])
+
+    thetas = [{k: jnp.asarray(v) for k, v in params.items()} for _ in range(K)]
+    eps = [tuple(jnp.zeros_like(v) for v in s0) for _ in range(K + 1)]
+    g_theta, g_eps = jax.jit(jax.grad(loss, argnums=(0, 1)))(thetas, eps)
+    # t = 0..K: s_{T−t} is eps index K − t; θ_{T−t} (step s_{T−t} → s_{T−t+1}) is thetas[K − t]
+    bptt_s = [np.stack([np.asarray(M.to_external(spec, g_eps[K - t])[i]).sum(0) for t in range(K + 1)])
+              for i in range(spec.n_layers)]
+    bptt_theta = {k: np.stack([np.zeros(np.shape(params[k]))] + [np.asarray(g_theta[K - t][k]) for t in range(1, K + 1)])
+                  for k in params}
+    return bptt_s, bptt_theta
+
+
+PROP4 = {
+    "toy": dict(kind="toy", n_in=10, hidden=(12,), n_out=5, activation="tanh", dt=0.08, flavor="official-code"),
+    "eb": dict(kind="eb", n_in=20, hidden=(10, 8), n_out=5, activation="sigmoid", dt=0.2, clamp=True),
+    "p": dict(kind="p", n_in=20, hidden=(10, 8), n_out=5, activation="tanh", flavor="official-code"),
+    "pconv": dict(kind="pconv", n_in=15 * 15, channels=(3, 4), kernel=3, n_out=5, activation="hard_sigmoid",
+                  flavor="official-code"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PROP4))
+def test_prop4_processes_match_unrolled_grad(jb, kind):
+    spec = ModelSpec(**PROP4[kind])
+    T, K, B = 14, 5, 3
+    p_np = jb.init_params(spec, 4)
+    x, y = small_batch(spec, B, 5)
+    with jax.enable_x64(True):
+        P = jb.from_numpy(spec, p_np, "float64")
+        g = jb.gdu(spec, P, x, y, PhaseSettings(T=T, K=K, beta=0.1, dtype="float64"))
+        s_start = jb.first_phase(spec, P, x, T - K)
+        ref_s, ref_theta = unrolled_bptt(spec, p_np, x, y, s_start, K)
+    for i in range(spec.n_layers):
+        np.testing.assert_allclose(g.bptt_s[i], ref_s[i], rtol=1e-10, atol=1e-14, err_msg=f"bptt_s[{i}]")
+    for k in p_np:
+        assert g.bptt_theta[k].shape == (K + 1, *p_np[k].shape)
+        np.testing.assert_allclose(g.bptt_theta[k], ref_theta[k], rtol=1e-10, atol=1e-14, err_msg=f"bptt_theta[{k}]")
+    # the training gradient is the sum of the per-step processes over bptt_span(K) steps
+    span = spec.bptt_span(K)
+    g_span = g if span == K else jb.gdu(spec, P, x, y, PhaseSettings(T=T, K=span, beta=0.1, dtype="float64"))
+    grad = jb.bptt_grad(spec, P, x, y, PhaseSettings(T=T, K=K, beta=0.1, dtype="float64"))
+    for k in p_np:
+        np.testing.assert_allclose(grad[k], g_span.bptt_theta[k].sum(0), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", sorted(PROP4))
+def test_dphi_increment_is_the_difference_of_dphi(kind):
+    """The EP processes use ∂Φ/∂θ(s) − ∂Φ/∂θ(s') written with increments; it equals the plain
+    difference, and is exactly 0 when s = s'."""
+    from epbench_jax import models as M
+
+    spec = ModelSpec(**PROP4[kind])
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(6)
+        params = {k: jnp.asarray(rng.uniform(-0.5, 0.5, size=shape)) for k, shape in spec.param_shapes.items()}
+        x, _ = small_batch(spec, 3, 7)
+        u = M.input_of(spec, jnp.asarray(x))
+        _, aux = M.drive(spec, M.split_params(spec, params)[1], u)
+        a = tuple(jnp.asarray(rng.uniform(-0.3, 1.1, size=(3, *sh))) for sh in M.internal_shapes(spec))
+        b = tuple(v + jnp.asarray(rng.normal(scale=0.05, size=v.shape)) for v in a)
+        inc = M.dphi_increment(spec, params, u, aux, a, b)
+        da, db = M.dphi(spec, params, u, aux, a), M.dphi(spec, params, u, aux, b)
+        zero = M.dphi_increment(spec, params, u, aux, a, a)
+    assert set(inc) == set(params)
+    for k in params:
+        np.testing.assert_allclose(inc[k], da[k] - db[k], rtol=1e-9, atol=1e-12, err_msg=k)
+        assert not np.any(np.asarray(zero[k])), k
