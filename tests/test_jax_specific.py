@@ -5,6 +5,7 @@ last K steps with one copy of θ per step."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -35,14 +36,16 @@ def test_plugin_import_is_cheap():
     """Importing the plugin and asking for availability without probing does not import JAX."""
     code = ("import sys, epbench_jax.plugin as p; b = p.epbench_backends(); "
             "print([x.availability().ok for x in b][0], 'jax' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "False"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["True", "False"]
 
 
 def test_float64_switch_does_not_leak(jb):
     spec = ModelSpec(kind="p", n_in=12, hidden=(8,), n_out=4, activation="tanh")
     x, y = small_batch(spec, 3, 0)
-    assert not jax.config.jax_enable_x64
+    if jax.config.jax_enable_x64:
+        pytest.skip("float64 is switched on globally in this process (JAX_ENABLE_X64)")
     p64 = jb.from_numpy(spec, jb.init_params(spec, 0), "float64")
     assert all(v.dtype == jnp.float64 for v in p64.values())
     g = jb.gdu(spec, p64, x, y, PhaseSettings(T=10, K=3, beta=0.1, dtype="float64"))
@@ -182,8 +185,8 @@ def unrolled_bptt(spec, params, x, y, s_start, K):
     # t = 0..K: s_{T−t} is eps index K − t; θ_{T−t} (step s_{T−t} → s_{T−t+1}) is thetas[K − t]
     bptt_s = [np.stack([np.asarray(M.to_external(spec, g_eps[K - t])[i]).sum(0) for t in range(K + 1)])
               for i in range(spec.n_layers)]
-    bptt_theta = {k: np.stack([np.zeros(np.shape(params[k]))] + [np.asarray(g_theta[K - t][k]) for t in range(1, K + 1)])
-                  for k in params}
+    bptt_theta = {k: np.stack([np.zeros(np.shape(params[k]))]
+                              + [np.asarray(g_theta[K - t][k]) for t in range(1, K + 1)]) for k in params}
     return bptt_s, bptt_theta
 
 
