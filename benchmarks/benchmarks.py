@@ -1,11 +1,14 @@
 """asv benchmarks: seconds per sample (lower is better) of an EP training step, a BPTT training
 step and a GDU computation, and peak memory, per model (Table 4 settings, batch 20) and backend.
 
+Helpers are imported under a leading underscore: asv collects every module-level name that
+starts with ``time_``/``track_``/``peakmem_`` as a benchmark.
+
 Unavailable backends (e.g. the CUDA ones on a CPU machine) are skipped: ``setup`` raises
 ``NotImplementedError``, which asv reports as skipped. GPU timings synchronise the device.
 """
 
-from epbench.bench import time_per_batch
+from epbench import bench as _bench
 
 MODELS = ["p-1h", "eb-1h", "eb-2h", "p-3h", "p-conv"]
 BACKENDS = ["torch-cpu", "jax-cpu", "numpy", "torch-cuda", "jax-cuda"]
@@ -44,7 +47,7 @@ class Step:
         self.batches = 1 if model in ("p-conv", "p-3h", "eb-2h") else 5
 
     def _per_sample(self, model, algorithm):
-        return time_per_batch(self.backend, model, algorithm, batches=self.batches, batch_size=BATCH) / BATCH
+        return _bench.time_per_batch(self.backend, model, algorithm, batches=self.batches, batch_size=BATCH) / BATCH
 
     def track_ep_seconds_per_sample(self, model, backend):
         return self._per_sample(model, "ep")
@@ -73,7 +76,7 @@ class Memory:
         self.backend = _backend(backend, model)
 
     def peakmem_ep_step(self, model, backend):
-        time_per_batch(self.backend, model, "ep", batches=1, batch_size=BATCH)
+        _bench.time_per_batch(self.backend, model, "ep", batches=1, batch_size=BATCH)
 
     def peakmem_bptt_step(self, model, backend):
-        time_per_batch(self.backend, model, "bptt", batches=1, batch_size=BATCH)
+        _bench.time_per_batch(self.backend, model, "bptt", batches=1, batch_size=BATCH)
