@@ -235,6 +235,32 @@ def report(run_dir):
 
 
 @cli.command()
+@click.argument("run_a", type=click.Path())
+@click.argument("run_b", type=click.Path())
+@click.option("--tolerance", type=click.FloatRange(min=0.0, min_open=True),
+              help="Flag GDU metrics whose |B − A| exceeds this (absolute).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write the markdown to this file.")
+def compare(run_a, run_b, tolerance, out_file):
+    """Two runs side by side (e.g. two backends on one suite): GDU metrics per layer, final
+    errors, and run time without compilation. Exits 1 if --tolerance is exceeded."""
+    from pathlib import Path
+
+    from epbench.compare import compare_runs, render_markdown
+    from epbench.results import has_table
+
+    for run_dir in (run_a, run_b):
+        if not Path(run_dir).is_dir() or not has_table(run_dir):
+            raise EpbenchError(f"{run_dir}: not a run directory (no results.parquet or results.csv.gz)")
+    comparison = compare_runs(run_a, run_b)
+    text = render_markdown(comparison, tolerance)
+    click.echo(text, nl=False)
+    if out_file:
+        Path(out_file).write_text(text)
+    if tolerance and len(comparison.gdu) and (comparison.gdu["abs_diff"] > tolerance).any():
+        raise SystemExit(1)
+
+
+@cli.command()
 @click.option("--backend", "-b", "names", multiple=True, help="Backend (repeatable; default: every available one).")
 @click.option("--model", "-m", "models", multiple=True, help="Table 4 row (repeatable; default: p-1h eb-1h eb-2h p-3h p-conv).")
 @click.option("--algorithm", "-a", "algorithms", multiple=True, type=click.Choice(["ep", "bptt", "gdu"]),

@@ -28,7 +28,8 @@ layer              ``s0``, ``s1``, ... (neurons) or ``W01``, ``b0``, ... (parame
 quantity           ``neurons``, ``weights`` or ``""``
 epoch, t, unit     integers, -1 where not applicable
 value              float
-compile_s, run_s   backend timings of the measurement (compile excluded from run)
+compile_s, run_s   backend timings of the measurement (compile excluded from run; a GDU
+                   measurement under 0.5 s is run up to 5 times and run_s is the fastest)
 provenance         run_id, epbench_version, git_commit, git_dirty, suite, suite_hash,
                    backend, framework, framework_version, device, start_time,
                    wall_time_s (of the whole experiment x trial)

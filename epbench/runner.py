@@ -188,15 +188,45 @@ def gdu_batch(exp: Experiment, seed: int, data: DataCache) -> tuple[np.ndarray, 
     return x.reshape((B, *spec.input_shape)), y
 
 
+#: GDU measurements shorter than this (seconds) are repeated for their timing, timeit-style
+SHORT_RUN_S = 0.5
+#: at most this many runs of a short GDU measurement; ``run_s`` is the fastest
+MAX_TIMING_RUNS = 5
+
+
+def _timed_gdu(backend: Backend, exp: Experiment, params, x, y):
+    """(processes, run seconds): the backend's own ``run_s`` (compilation excluded) if it
+    reports one, else the wall time of the call."""
+    start = time.perf_counter()
+    procs = backend.gdu(exp.model, params, x, y, exp.phase)
+    elapsed = time.perf_counter() - start
+    return procs, float(procs.timings.get("run_s", elapsed))
+
+
+def _gdu_run_s(backend: Backend, exp: Experiment, params, x, y, first_run_s: float) -> float:
+    """Best-of run time of a short GDU measurement: a single run of a few milliseconds mostly
+    measures one-off costs (first touch of fresh output buffers, cold caches), so it is repeated
+    while the runs stay short, up to MAX_TIMING_RUNS in all. The results come from the first run."""
+    best = first_run_s
+    if not np.isfinite(best):
+        return best
+    spent, runs = best, 1
+    while best < SHORT_RUN_S and runs < MAX_TIMING_RUNS and spent < 2 * SHORT_RUN_S:
+        again = _timed_gdu(backend, exp, params, x, y)[1]
+        best, spent, runs = min(best, again), spent + again, runs + 1
+    return best
+
+
 def run_gdu(backend: Backend, exp: Experiment, trial: int, data: DataCache) -> list[dict]:
     seed = exp.seed + trial
     params = backend.from_numpy(exp.model, backend.init_params(exp.model, seed), exp.dtype)
     x, y = gdu_batch(exp, seed, data)
-    procs = backend.gdu(exp.model, params, x, y, exp.phase)
+    procs, first_run_s = _timed_gdu(backend, exp, params, x, y)
+    run_s = _gdu_run_s(backend, exp, params, x, y, first_run_s)
     rows = gdu_rows(procs, exp.model, exp.process_units)
     for row in rows:
         row.setdefault("compile_s", procs.timings.get("compile_s", 0.0))
-        row.setdefault("run_s", procs.timings.get("run_s", float("nan")))
+        row.setdefault("run_s", run_s)
     return rows
 
 

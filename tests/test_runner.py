@@ -119,3 +119,50 @@ def test_set_targets_one_experiment():
     by_name = {e.name: e for e in suite.experiments}
     assert by_name["toy"].phase.T == 123 and by_name["eb-1h"].phase.T == 800
     assert all(e.phase.dtype == "float64" for e in suite.experiments)
+
+
+def test_compare_two_backends_on_one_suite(tiny_run):
+    """`epbench compare`: the same suite on torch-cpu and numpy in float64 gives the same GDU
+    metrics; the timing table lists both run times; a tolerance below the difference exits 1."""
+    root, suite, run_dir = tiny_run
+    other = run_cli("run", str(suite), "--backend", "numpy", "--only", "p-small-gdu",
+                    "--out", str(root / "results-numpy"), cwd=root)
+    assert other.returncode == 0, other.stderr
+    other_dir = other.stdout.strip().splitlines()[-1]
+    from epbench.compare import compare_runs
+
+    c = compare_runs(run_dir, other_dir)
+    assert set(c.gdu["metric"]) == {"relmse", "sign_agreement", "cosine"}
+    assert set(c.gdu["layer"]) >= {"s0", "s1", "W01", "W1x"}
+    assert c.max_gdu_difference("relmse") < 1e-8
+    assert list(c.timing["experiment"]) == ["p-small-gdu"]
+    assert (c.timing["run_s_a"] > 0).all() and (c.timing["run_s_b"] > 0).all()
+    ok = run_cli("compare", str(run_dir), other_dir, "--tolerance", "1e-6", cwd=root)
+    assert ok.returncode == 0, ok.stderr
+    assert "torch-cpu" in ok.stdout and "numpy" in ok.stdout and "| p-small-gdu |" in ok.stdout
+    assert "**no**" not in ok.stdout
+    # identical runs differ by exactly 0; a run against itself passes any tolerance
+    assert compare_runs(run_dir, run_dir).max_gdu_difference("cosine") == 0.0
+    bad = run_cli("compare", str(run_dir), str(root / "nowhere"), cwd=root)
+    assert bad.returncode != 0 and "not a run directory" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_short_gdu_measurements_are_timed_best_of_several():
+    from epbench import runner
+
+    class Timed:
+        def __init__(self, times):
+            self.times, self.calls = list(times), 0
+
+        def gdu(self, *_args):
+            self.calls += 1
+            return type("P", (), {"timings": {"run_s": self.times.pop(0)}})()
+
+    class Exp:
+        model = phase = None
+
+    fast = Timed([0.01, 0.004, 0.02, 0.03])
+    assert runner._gdu_run_s(fast, Exp, None, None, None, 0.05) == 0.004
+    assert fast.calls == runner.MAX_TIMING_RUNS - 1
+    slow = Timed([])
+    assert runner._gdu_run_s(slow, Exp, None, None, None, 2.0) == 2.0 and slow.calls == 0

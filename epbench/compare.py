@@ -1,0 +1,136 @@
+"""``epbench compare A B``: two runs side by side (two backends, two machines, two commits).
+
+For every GDU experiment and layer: RelMSE, sign agreement and cosine in A and in B and their
+difference; for every training experiment: the final test and train errors; for every
+experiment: the timing columns (compile seconds apart from run seconds) and B's run time
+relative to A's. Everything comes from the two results tables alone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from epbench import figures as figs
+from epbench.report import _f, _g, _table, summarize_timing
+from epbench.results import read_meta, read_table
+
+#: metrics of the GDU comparison, in the order printed
+GDU_METRICS = ("relmse", "sign_agreement", "cosine")
+_GDU_KEYS = ["experiment", "flavor", "symmetric", "beta", "layer", "metric"]
+
+
+@dataclass
+class RunComparison:
+    """The comparison tables; ``a``/``b`` name the runs (backend and run id)."""
+
+    a: str
+    b: str
+    gdu: pd.DataFrame
+    training: pd.DataFrame
+    timing: pd.DataFrame
+
+    def max_gdu_difference(self, metric: str = "relmse") -> float:
+        rows = self.gdu[self.gdu["metric"] == metric]
+        return float(rows["abs_diff"].max()) if len(rows) else float("nan")
+
+
+def _label(df: pd.DataFrame, meta: dict, run_dir) -> str:
+    backend = df["backend"].iloc[0] if "backend" in df and len(df) else meta.get("backend", "?")
+    return f"{backend} ({os.path.basename(os.path.normpath(str(run_dir)))})"
+
+
+def gdu_means(df: pd.DataFrame) -> pd.DataFrame:
+    """Per experiment variant × layer × metric: the mean over trials of the EP-vs-BPTT metrics."""
+    rows = df[(df["task"] == "gdu") & (df["algorithm"] == "ep_vs_bptt") & df["metric"].isin(GDU_METRICS)]
+    if rows.empty:
+        return pd.DataFrame(columns=_GDU_KEYS + ["value"])
+    return rows.groupby(_GDU_KEYS, sort=False, dropna=False)["value"].mean().reset_index()
+
+
+def compare_gdu(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Rows present in both runs: value_a, value_b, diff = b − a and abs_diff."""
+    both = gdu_means(a).merge(gdu_means(b), on=_GDU_KEYS, suffixes=("_a", "_b"))
+    both["diff"] = both["value_b"] - both["value_a"]
+    both["abs_diff"] = both["diff"].abs()
+    order = {layer: i for i, layer in enumerate(figs.sort_layers(both["layer"].unique()))}
+    both["_order"] = both["layer"].map(order)
+    exp_order = {e: i for i, e in enumerate(dict.fromkeys(a["experiment"]))}
+    both["_exp"] = both["experiment"].map(exp_order)
+    return both.sort_values(["_exp", "symmetric", "beta", "metric", "_order"]).drop(columns=["_order", "_exp"])
+
+
+def _final_errors(df: pd.DataFrame) -> pd.DataFrame:
+    rows = df[(df["task"] == "train") & df["metric"].isin(["test_error", "train_error"])]
+    if rows.empty:
+        return pd.DataFrame(columns=["experiment", "algorithm", "metric", "value"])
+    last = rows[rows["epoch"] == rows.groupby(["experiment", "algorithm", "trial"])["epoch"].transform("max")]
+    return last.groupby(["experiment", "algorithm", "metric"], sort=False)["value"].mean().reset_index()
+
+
+def compare_training(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    both = _final_errors(a).merge(_final_errors(b), on=["experiment", "algorithm", "metric"],
+                                  suffixes=("_a", "_b"))
+    both["diff"] = both["value_b"] - both["value_a"]
+    return both
+
+
+def compare_timing(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Per experiment (summed over trials): wall, compile and run seconds in A and B, and
+    run_ratio = run_s B / run_s A (below 1: B is faster, compilation excluded)."""
+    def per_exp(df):
+        t = summarize_timing(df)
+        return t.groupby("experiment", sort=False)[["wall_time_s", "compile_s", "run_s"]].sum().reset_index()
+
+    both = per_exp(a).merge(per_exp(b), on="experiment", suffixes=("_a", "_b"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        both["run_ratio"] = both["run_s_b"] / both["run_s_a"]
+    return both
+
+
+def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike) -> RunComparison:
+    a, b = read_table(run_a), read_table(run_b)
+    return RunComparison(a=_label(a, read_meta(run_a), run_a), b=_label(b, read_meta(run_b), run_b),
+                         gdu=compare_gdu(a, b), training=compare_training(a, b), timing=compare_timing(a, b))
+
+
+def render_markdown(c: RunComparison, tolerance: float | None = None) -> str:
+    """The comparison as markdown; with ``tolerance``, GDU rows whose |B − A| exceeds it are flagged."""
+    out = [f"# epbench compare\n\n**A** = {c.a}  \n**B** = {c.b}\n"]
+    if len(c.gdu):
+        out.append("## GDU metrics (EP vs BPTT), mean over trials\n")
+        header = ["experiment", "β", "metric", "layer", "A", "B", "B − A"] + (["within tol."] if tolerance else [])
+        rows = []
+        for _, r in c.gdu.iterrows():
+            beta = f"±{r['beta']:g}" if r["symmetric"] else f"{r['beta']:g}"
+            row = [r["experiment"], beta, r["metric"], r["layer"], _g(r["value_a"], 4), _g(r["value_b"], 4),
+                   f"{r['diff']:+.2g}"]
+            if tolerance:
+                row.append("yes" if r["abs_diff"] <= tolerance else "**no**")
+            rows.append(row)
+        out.append(_table(header, rows))
+        for metric in GDU_METRICS:
+            m = c.max_gdu_difference(metric)
+            if np.isfinite(m):
+                out.append(f"- largest |B − A| of {metric}: {m:.2g}")
+        out.append("")
+    if len(c.training):
+        out.append("## Final errors (%), mean over trials\n")
+        rows = [[r["experiment"], r["algorithm"], r["metric"], _f(r["value_a"]), _f(r["value_b"]),
+                 f"{r['diff']:+.2f}"] for _, r in c.training.iterrows()]
+        out.append(_table(["experiment", "algorithm", "metric", "A", "B", "B − A"], rows) + "\n")
+    if len(c.timing):
+        out.append("## Timing (seconds; run time excludes compilation)\n")
+        rows = [[r["experiment"], _f(r["run_s_a"], 3), _f(r["run_s_b"], 3), _f(r["run_ratio"], 2),
+                 _f(r["compile_s_a"], 2), _f(r["compile_s_b"], 2), _f(r["wall_time_s_a"], 1),
+                 _f(r["wall_time_s_b"], 1)] for _, r in c.timing.iterrows()]
+        out.append(_table(["experiment", "run A", "run B", "B / A", "compile A", "compile B", "wall A",
+                           "wall B"], rows))
+        slower = c.timing[c.timing["run_ratio"] > 1.0]["experiment"].tolist()
+        out.append("\n- B slower than A (run time) on: " + (", ".join(slower) if slower else "none"))
+    if not (len(c.gdu) or len(c.training) or len(c.timing)):
+        out.append("The two runs have no experiment in common.")
+    return "\n".join(out) + "\n"
