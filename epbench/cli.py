@@ -239,8 +239,10 @@ def report(run_dir):
 @click.argument("run_b", type=click.Path())
 @click.option("--tolerance", type=click.FloatRange(min=0.0, min_open=True),
               help="Flag GDU metrics whose |B − A| exceeds this (absolute).")
+@click.option("--reference", type=click.Path(), help="A third run (e.g. the suite in float64) that A and B "
+              "are measured against.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write the markdown to this file.")
-def compare(run_a, run_b, tolerance, out_file):
+def compare(run_a, run_b, tolerance, reference, out_file):
     """Two runs side by side (e.g. two backends on one suite): GDU metrics per layer, final
     errors, and run time without compilation. Exits 1 if --tolerance is exceeded."""
     from pathlib import Path
@@ -248,10 +250,10 @@ def compare(run_a, run_b, tolerance, out_file):
     from epbench.compare import compare_runs, render_markdown
     from epbench.results import has_table
 
-    for run_dir in (run_a, run_b):
+    for run_dir in (run_a, run_b) + ((reference,) if reference else ()):
         if not Path(run_dir).is_dir() or not has_table(run_dir):
             raise EpbenchError(f"{run_dir}: not a run directory (no results.parquet or results.csv.gz)")
-    comparison = compare_runs(run_a, run_b)
+    comparison = compare_runs(run_a, run_b, reference)
     text = render_markdown(comparison, tolerance)
     click.echo(text, nl=False)
     if out_file:

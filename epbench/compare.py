@@ -32,6 +32,7 @@ class RunComparison:
     gdu: pd.DataFrame
     training: pd.DataFrame
     timing: pd.DataFrame
+    reference: str = ""
 
     def max_gdu_difference(self, metric: str = "relmse") -> float:
         rows = self.gdu[self.gdu["metric"] == metric]
@@ -51,11 +52,17 @@ def gdu_means(df: pd.DataFrame) -> pd.DataFrame:
     return rows.groupby(_GDU_KEYS, sort=False, dropna=False)["value"].mean().reset_index()
 
 
-def compare_gdu(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
-    """Rows present in both runs: value_a, value_b, diff = b − a and abs_diff."""
+def compare_gdu(a: pd.DataFrame, b: pd.DataFrame, ref: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Rows present in both runs: value_a, value_b, diff = b − a and abs_diff. With a reference
+    run (e.g. the same suite in float64), also value_ref and the distances err_a = |a − ref|,
+    err_b = |b − ref|: how far each run is from it, e.g. through float32 rounding."""
     both = gdu_means(a).merge(gdu_means(b), on=_GDU_KEYS, suffixes=("_a", "_b"))
     both["diff"] = both["value_b"] - both["value_a"]
     both["abs_diff"] = both["diff"].abs()
+    if ref is not None:
+        both = both.merge(gdu_means(ref).rename(columns={"value": "value_ref"}), on=_GDU_KEYS)
+        both["err_a"] = (both["value_a"] - both["value_ref"]).abs()
+        both["err_b"] = (both["value_b"] - both["value_ref"]).abs()
     order = {layer: i for i, layer in enumerate(figs.sort_layers(both["layer"].unique()))}
     both["_order"] = both["layer"].map(order)
     exp_order = {e: i for i, e in enumerate(dict.fromkeys(a["experiment"]))}
@@ -91,23 +98,31 @@ def compare_timing(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     return both
 
 
-def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike) -> RunComparison:
+def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike,
+                 reference: str | os.PathLike | None = None) -> RunComparison:
     a, b = read_table(run_a), read_table(run_b)
+    ref = read_table(reference) if reference else None
     return RunComparison(a=_label(a, read_meta(run_a), run_a), b=_label(b, read_meta(run_b), run_b),
-                         gdu=compare_gdu(a, b), training=compare_training(a, b), timing=compare_timing(a, b))
+                         gdu=compare_gdu(a, b, ref), training=compare_training(a, b), timing=compare_timing(a, b),
+                         reference=_label(ref, read_meta(reference), reference) if ref is not None else "")
 
 
 def render_markdown(c: RunComparison, tolerance: float | None = None) -> str:
     """The comparison as markdown; with ``tolerance``, GDU rows whose |B − A| exceeds it are flagged."""
-    out = [f"# epbench compare\n\n**A** = {c.a}  \n**B** = {c.b}\n"]
+    out = [f"# epbench compare\n\n**A** = {c.a}  \n**B** = {c.b}"
+           + (f"  \n**ref** = {c.reference}" if c.reference else "") + "\n"]
+    with_ref = "value_ref" in c.gdu
     if len(c.gdu):
         out.append("## GDU metrics (EP vs BPTT), mean over trials\n")
-        header = ["experiment", "β", "metric", "layer", "A", "B", "B − A"] + (["within tol."] if tolerance else [])
+        header = (["experiment", "β", "metric", "layer", "A", "B", "B − A"]
+                  + (["ref", "|A − ref|", "|B − ref|"] if with_ref else []) + (["within tol."] if tolerance else []))
         rows = []
         for _, r in c.gdu.iterrows():
             beta = f"±{r['beta']:g}" if r["symmetric"] else f"{r['beta']:g}"
             row = [r["experiment"], beta, r["metric"], r["layer"], _g(r["value_a"], 4), _g(r["value_b"], 4),
                    f"{r['diff']:+.2g}"]
+            if with_ref:
+                row += [_g(r["value_ref"], 4), f"{r['err_a']:.2g}", f"{r['err_b']:.2g}"]
             if tolerance:
                 row.append("yes" if r["abs_diff"] <= tolerance else "**no**")
             rows.append(row)
@@ -115,7 +130,12 @@ def render_markdown(c: RunComparison, tolerance: float | None = None) -> str:
         for metric in GDU_METRICS:
             m = c.max_gdu_difference(metric)
             if np.isfinite(m):
-                out.append(f"- largest |B − A| of {metric}: {m:.2g}")
+                line = f"- largest |B − A| of {metric}: {m:.2g}"
+                if with_ref:
+                    rows_m = c.gdu[c.gdu["metric"] == metric]
+                    line += (f"; largest |A − ref|: {rows_m['err_a'].max():.2g}, "
+                             f"largest |B − ref|: {rows_m['err_b'].max():.2g}")
+                out.append(line)
         out.append("")
     if len(c.training):
         out.append("## Final errors (%), mean over trials\n")

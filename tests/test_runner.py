@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -143,6 +144,12 @@ def test_compare_two_backends_on_one_suite(tiny_run):
     assert "**no**" not in ok.stdout
     # identical runs differ by exactly 0; a run against itself passes any tolerance
     assert compare_runs(run_dir, run_dir).max_gdu_difference("cosine") == 0.0
+    # against a reference run: the distance of each run to it
+    with_ref = compare_runs(run_dir, other_dir, reference=run_dir)
+    assert (with_ref.gdu["err_a"] == 0).all()
+    assert np.allclose(with_ref.gdu["err_b"], with_ref.gdu["abs_diff"])
+    shown = run_cli("compare", str(run_dir), other_dir, "--reference", str(run_dir), cwd=root)
+    assert shown.returncode == 0 and "|A − ref|" in shown.stdout and "**ref**" in shown.stdout
     bad = run_cli("compare", str(run_dir), str(root / "nowhere"), cwd=root)
     assert bad.returncode != 0 and "not a run directory" in bad.stderr and "Traceback" not in bad.stderr
 

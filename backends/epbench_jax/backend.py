@@ -9,6 +9,7 @@ argument shapes and dtypes) and cached; compilation is timed apart from the run.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import time
 from typing import Mapping
@@ -26,6 +27,12 @@ _NVIDIA_DRIVER = "/proc/driver/nvidia/version"
 
 def _jax():
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    # JAX logs a warning for every platform it probes and cannot start (e.g. "Unable to
+    # initialize backend 'tpu'"); availability() reports what matters, so keep those quiet
+    # unless the user configured that logger.
+    probe_log = logging.getLogger("jax._src.xla_bridge")
+    if probe_log.level == logging.NOTSET:
+        probe_log.setLevel(logging.ERROR)
     import jax
 
     return jax
