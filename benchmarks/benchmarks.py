@@ -47,7 +47,8 @@ class Step:
         self.batches = 1 if model in ("p-conv", "p-3h", "eb-2h") else 5
 
     def _per_sample(self, model, algorithm):
-        return _bench.time_per_batch(self.backend, model, algorithm, batches=self.batches, batch_size=BATCH) / BATCH
+        return _bench.time_per_batch(self.backend, model, algorithm, batches=self.batches, batch_size=BATCH,
+                                      repeats=2) / BATCH
 
     def track_ep_seconds_per_sample(self, model, backend):
         return self._per_sample(model, "ep")
@@ -76,7 +77,7 @@ class Memory:
         self.backend = _backend(backend, model)
 
     def peakmem_ep_step(self, model, backend):
-        _bench.time_per_batch(self.backend, model, "ep", batches=1, batch_size=BATCH)
+        _bench.time_per_batch(self.backend, model, "ep", batches=1, batch_size=BATCH, repeats=1)
 
     def peakmem_bptt_step(self, model, backend):
-        _bench.time_per_batch(self.backend, model, "bptt", batches=1, batch_size=BATCH)
+        _bench.time_per_batch(self.backend, model, "bptt", batches=1, batch_size=BATCH, repeats=1)

@@ -40,8 +40,10 @@ class RunComparison:
 
 
 def _label(df: pd.DataFrame, meta: dict, run_dir) -> str:
+    """'backend dtype (run id)'."""
     backend = df["backend"].iloc[0] if "backend" in df and len(df) else meta.get("backend", "?")
-    return f"{backend} ({os.path.basename(os.path.normpath(str(run_dir)))})"
+    dtypes = "/".join(sorted(df["dtype"].dropna().astype(str).unique())) if "dtype" in df else ""
+    return f"{backend} {dtypes} ({os.path.basename(os.path.normpath(str(run_dir)))})".replace("  ", " ")
 
 
 def gdu_means(df: pd.DataFrame) -> pd.DataFrame:

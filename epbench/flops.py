@@ -34,10 +34,12 @@ def _connections(spec: ModelSpec) -> tuple[float, float, float, float]:
 
 
 def ep_train_flops(spec: ModelSpec, phase: PhaseSettings, batch: int) -> float:
-    """One EP training step: drive, T free + K nudged steps, ∂Φ/∂θ at s* and at s^β_K."""
-    drive, step, dphi, _ = _connections(spec)
+    """One EP training step: drive, T free + K nudged steps (2K with symmetric nudging), and
+    the update ∂Φ/∂θ(s^β_K) − ∂Φ/∂θ(s*) (eq. 10 summed): the recurrent parameters need ∂Φ/∂θ at
+    both states, the input-side ones a single product with the state difference (u is fixed)."""
+    drive, step, dphi, dphi_input = _connections(spec)
     nudged = phase.K * (2 if phase.symmetric else 1)
-    return batch * (drive + (phase.T + nudged) * step + (3 if phase.symmetric else 2) * dphi)
+    return batch * (drive + (phase.T + nudged) * step + 2 * (dphi - dphi_input) + dphi_input)
 
 
 def bptt_train_flops(spec: ModelSpec, phase: PhaseSettings, batch: int) -> float:

@@ -303,16 +303,15 @@ def train_step(spec: ModelSpec, T: int, K: int, algorithm: str, symmetric: bool,
 
 
 def train_program(spec: ModelSpec, T: int, K: int, algorithm: str, symmetric: bool):
-    """A scan of :func:`train_step` over stacked mini-batches; batches marked invalid (padding
-    of the last chunk) are skipped, and so is everything after a step diverges.
-    Returns (θ, n_wrong, n_seen, diverged)."""
+    """A scan of :func:`train_step` over stacked mini-batches; every step after one diverges is
+    skipped. Returns (θ, n_wrong, n_seen, diverged)."""
 
-    def run(params, xs, ys, labels, valid, lrs, beta):
+    def run(params, xs, ys, labels, lrs, beta):
         bs = xs.shape[1]
 
         def body(carry, batch):
             p, diverged, wrong, seen = carry
-            x, y, lab, ok = batch
+            x, y, lab = batch
 
             def live(p):
                 new, w, finite = train_step(spec, T, K, algorithm, symmetric, p, x, y, lab, lrs, beta)
@@ -321,11 +320,11 @@ def train_program(spec: ModelSpec, T: int, K: int, algorithm: str, symmetric: bo
             def skip(p):
                 return p, diverged, jnp.int32(0), jnp.int32(0)
 
-            p, div, w, n = lax.cond(ok & ~diverged, live, skip, p)
+            p, div, w, n = lax.cond(~diverged, live, skip, p)
             return (p, div, wrong + w, seen + n), None
 
         init = (params, jnp.bool_(False), jnp.int32(0), jnp.int32(0))
-        (p, div, wrong, seen), _ = lax.scan(body, init, (xs, ys, labels, valid))
+        (p, div, wrong, seen), _ = lax.scan(body, init, (xs, ys, labels))
         return p, wrong, seen, div
     return run
 

@@ -226,18 +226,17 @@ class JaxBackend(Backend):
         labels = np.asarray(labels).astype(np.int32)
         n, bs = x.shape[0], train.batch_size
         n_full = n // bs
-        # full batches go in chunks of CHUNK (the last one padded with skipped batches), so one
-        # compiled program serves any data size; a last short batch has its own
+        # full batches go in chunks of CHUNK, the remainder in one chunk of its own size (one
+        # more compiled program, reused every epoch: cheaper than scanning over padding); a last
+        # short batch has its own
         chunks = []
         for start in range(0, n_full, self.CHUNK):
             m = min(self.CHUNK, n_full - start)
-            xs = np.zeros((self.CHUNK, bs) + x.shape[1:], x.dtype)
-            labs = np.zeros((self.CHUNK, bs), np.int32)
-            xs[:m] = x[start * bs:(start + m) * bs].reshape((m, bs) + x.shape[1:])
-            labs[:m] = labels[start * bs:(start + m) * bs].reshape(m, bs)
-            chunks.append((xs, labs, np.arange(self.CHUNK) < m))
+            xs = x[start * bs:(start + m) * bs].reshape((m, bs) + x.shape[1:])
+            labs = labels[start * bs:(start + m) * bs].reshape(m, bs)
+            chunks.append((xs, labs))
         if n % bs:
-            chunks.append((x[n_full * bs:][None], labels[n_full * bs:][None], np.ones(1, bool)))
+            chunks.append((x[n_full * bs:][None], labels[n_full * bs:][None]))
         key = ("train", spec, phase.T, phase.K, phase.symmetric, algorithm)
         timings = {"compile_s": 0.0, "run_s": 0.0}
         wrong = seen = 0
@@ -246,11 +245,11 @@ class JaxBackend(Backend):
             p = self._native(spec, params, dtype)
             lrs = {k: self._scalar(layer_lr[spec.param_layer(k)], dtype) for k in p}
             beta = self._scalar(phase.beta, dtype)
-            for xs, labs, valid in chunks:
+            for xs, labs in chunks:
                 ys = np.eye(spec.n_out)[labs]
                 (p, w, s, div), t = self._call(
                     key, lambda: A.train_program(spec, phase.T, phase.K, algorithm, phase.symmetric),
-                    p, self._put(xs, dtype), self._put(ys, dtype), self._put(labs), self._put(valid), lrs, beta)
+                    p, self._put(xs, dtype), self._put(ys, dtype), self._put(labs), lrs, beta)
                 for k in timings:
                     timings[k] += t[k]
                 wrong, seen = wrong + int(w), seen + int(s)
