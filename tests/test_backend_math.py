@@ -423,6 +423,24 @@ def _mnist_5k():
     return load_dataset("mnist-5k")
 
 
+def test_p1h_ep_steps_are_longer_than_bptt_at_initialisation(backend):
+    """Why BPTT needs more epochs than EP in the P-1h training test: at Table 4 settings and the
+    paper's initialisation, EP's update points the same way as −∇BPTT but is about 2× longer,
+    since the nudge β(y − s0) bypasses ρ'(pre_0) that ∂L/∂W01 carries (float64, mnist-5k)."""
+    spec, phase, _ = presets.table4("p-1h", dtype="float64")
+    split = _mnist_5k()
+    x, y = split.x_train[:20].astype(np.float64), np.eye(10)[split.y_train[:20]]
+    for seed in (0, 1):
+        P = backend.from_numpy(spec, backend.init_params(spec, seed), "float64")
+        ep = backend.ep_update(spec, P, x, y, phase)
+        bp = backend.bptt_grad(spec, P, x, y, phase)
+        for name in ("W01", "W1x"):
+            e, g = ep[name].ravel(), -bp[name].ravel()
+            cosine = e @ g / np.linalg.norm(e) / np.linalg.norm(g)
+            ratio = np.linalg.norm(e) / np.linalg.norm(g)
+            assert cosine > 0.6 and 1.5 < ratio < 4.0, f"seed {seed} {name}: cos {cosine:.2f}, ratio {ratio:.2f}"
+
+
 def test_one_epoch_trains_p1h_on_mnist5k(backend):
     """Table 4 P-1h (paper flavour) on the 4,000 mnist-5k training images: one epoch of EP gets
     below 15% test error; BPTT from the same initial weights too, in two epochs.
