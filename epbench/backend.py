@@ -70,6 +70,8 @@ class Capabilities:
     flavors: tuple[str, ...] = ("paper", "official-code")
     dtypes: tuple[str, ...] = ("float32", "float64")
     activations: tuple[str, ...] = ("sigmoid", "hard_sigmoid", "tanh")
+    #: implements ``PhaseSettings.alternate`` (even/odd alternation of the P models) in training
+    alternate: bool = False
 
 
 class Backend(ABC):

@@ -10,6 +10,7 @@ import numpy as np
 
 from epbench import flops as flopcount
 from epbench.presets import table4
+from epbench.spec import alternation_problem
 
 #: the models benchmarked by default (Table 4 settings, batch 20)
 BENCH_MODELS = ("p-1h", "eb-1h", "eb-2h", "p-3h", "p-conv")
@@ -41,13 +42,19 @@ def _random_data(spec, n: int, seed: int = 0):
     return x, labels
 
 
+def settings(model: str, dtype: str = "float32", alternate: bool = False):
+    """(spec, phase, train) of a Table 4 row, optionally with ``phase.alternate``."""
+    spec, phase, train = table4(model, dtype=dtype)
+    return spec, phase.model_copy(update={"alternate": alternate}), train
+
+
 def time_per_batch(backend, model: str, algorithm: str, batches: int = 10, dtype: str = "float32",
-                   batch_size: int = 20, repeats: int = 3) -> float:
+                   batch_size: int = 20, repeats: int = 3, alternate: bool = False) -> float:
     """Seconds per mini-batch of one training step (``ep``/``bptt``) or one GDU computation
     (``gdu``): a warm-up call on the same data absorbs compilation, then the best of
     ``repeats`` timed calls over ``batches`` mini-batches (timeit's rule: the fastest run is the
     one least disturbed by the rest of the machine)."""
-    spec, phase, train = table4(model, dtype=dtype)
+    spec, phase, train = settings(model, dtype, alternate)
     train = train.model_copy(update={"batch_size": batch_size, "lrs": tuple(0.0 for _ in train.lrs)})
     params = backend.from_numpy(spec, backend.init_params(spec, 0), dtype)
     if algorithm == "gdu":
@@ -73,30 +80,36 @@ def time_per_batch(backend, model: str, algorithm: str, batches: int = 10, dtype
     return best / batches
 
 
-def useful_flops(model: str, algorithm: str, batch_size: int = 20) -> float:
-    spec, phase, _ = table4(model)
+def useful_flops(model: str, algorithm: str, batch_size: int = 20, alternate: bool = False) -> float:
+    spec, phase, _ = settings(model, alternate=alternate)
     counter: Callable = {"ep": flopcount.ep_train_flops, "bptt": flopcount.bptt_train_flops,
                          "gdu": flopcount.gdu_flops}[algorithm]
     return counter(spec, phase, batch_size)
 
 
 def bench_rows(backend, models=BENCH_MODELS, algorithms=("ep", "bptt", "gdu"), batches: int = 10,
-               progress: Callable[[str], None] = lambda _m: None) -> list[dict]:
-    """One row per (model, algorithm, metric) for ``backend``."""
+               progress: Callable[[str], None] = lambda _m: None, alternate: bool = False) -> list[dict]:
+    """One row per (model, algorithm, metric) for ``backend``; with ``alternate``, the training
+    steps under the even/odd alternation (P models only; GDU is not timed)."""
     peak = device_peak(backend)
     rows = []
     for model in models:
-        spec, phase, _ = table4(model)
-        reason = backend.supports(spec, "float32")
+        spec, phase, _ = settings(model, alternate=alternate)
+        reason = backend.supports(spec, "float32") or alternation_problem(spec, phase)
+        if not reason and alternate and not backend.capabilities.alternate:
+            reason = f"{backend.name} does not implement phase.alternate"
         if reason:
             progress(f"{backend.name} {model}: skipped ({reason})")
             continue
         for algorithm in algorithms:
-            seconds = time_per_batch(backend, model, algorithm, batches=batches)
-            work = useful_flops(model, algorithm)
+            if alternate and algorithm == "gdu":
+                continue
+            seconds = time_per_batch(backend, model, algorithm, batches=batches, alternate=alternate)
+            work = useful_flops(model, algorithm, alternate=alternate)
             gflops = work / seconds / 1e9
             base = {"experiment": model, "task": "bench", "model": spec.kind, "model_desc": spec.describe(),
                     "flavor": spec.flavor, "dtype": "float32", "T": phase.T, "K": phase.K, "beta": phase.beta,
+                    "alternate": phase.alternate,
                     "batch_size": 20, "algorithm": algorithm, "backend": backend.name,
                     "framework": backend.framework, "framework_version": backend.framework_version()}
             rows += [

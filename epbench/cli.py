@@ -268,8 +268,10 @@ def compare(run_a, run_b, tolerance, reference, out_file):
 @click.option("--algorithm", "-a", "algorithms", multiple=True, type=click.Choice(["ep", "bptt", "gdu"]),
               help="What to time (repeatable; default: all three).")
 @click.option("--batches", default=10, show_default=True, type=click.IntRange(min=1), help="Timed batches per measurement.")
+@click.option("--alternate", is_flag=True, help="Training steps under the even/odd alternation of the P models "
+              "(phase.alternate); other models are skipped, GDU is not timed.")
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
-def bench(names, models, algorithms, batches, out):
+def bench(names, models, algorithms, batches, alternate, out):
     """Time EP and BPTT training steps and GDU per batch of 20 (Table 4 settings): useful FLOPs,
     GFLOP/s and the fraction of the device's float32 matmul peak measured on the spot."""
     import time
@@ -300,7 +302,8 @@ def bench(names, models, algorithms, batches, out):
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rows = []
     for backend, avail in backends_:
-        for row in bench_rows(backend, models or BENCH_MODELS, algorithms or ("ep", "bptt", "gdu"), batches, click.echo):
+        for row in bench_rows(backend, models or BENCH_MODELS, algorithms or ("ep", "bptt", "gdu"), batches, click.echo,
+                              alternate=alternate):
             rows.append({**row, "device": avail.device, "epbench_version": __version__, "git_commit": commit,
                          "git_dirty": dirty, "suite": "bench", "start_time": started, "trial": 0, "seed": 0})
     run_dir = new_run_dir(out, "bench", "+".join(b.name for b, _ in backends_) or "none")

@@ -34,12 +34,20 @@ def _connections(spec: ModelSpec) -> tuple[float, float, float, float]:
 
 
 def ep_train_flops(spec: ModelSpec, phase: PhaseSettings, batch: int) -> float:
-    """One EP training step: drive, T free + K nudged steps (2K with symmetric nudging), and
+    """One EP training step: drive, T free + K nudged steps (2K with symmetric nudging; half the
+    products each with ``phase.alternate``), and
     the update ∂Φ/∂θ(s^β_K) − ∂Φ/∂θ(s*) (eq. 10 summed): the recurrent parameters need ∂Φ/∂θ at
     both states, the input-side ones a single product with the state difference (u is fixed)."""
     drive, step, dphi, dphi_input = _connections(spec)
     nudged = phase.K * (2 if phase.symmetric else 1)
-    return batch * (drive + (phase.T + nudged) * step + 2 * (dphi - dphi_input) + dphi_input)
+    steps = (phase.T + nudged) * _step_share(phase)
+    return batch * (drive + steps * step + 2 * (dphi - dphi_input) + dphi_input)
+
+
+def _step_share(phase: PhaseSettings) -> float:
+    """Share of a synchronous step's products that one time step costs: ½ under
+    ``phase.alternate`` (each layer is updated every other step)."""
+    return 0.5 if phase.alternate else 1.0
 
 
 def bptt_train_flops(spec: ModelSpec, phase: PhaseSettings, batch: int) -> float:
@@ -47,8 +55,9 @@ def bptt_train_flops(spec: ModelSpec, phase: PhaseSettings, batch: int) -> float
     product per step (state part ≈ one step, recurrent-parameter part ≈ their ∂Φ/∂θ); the
     input-side weights see a static input, so their gradient needs one product, not one per step."""
     drive, step, dphi, dphi_input = _connections(spec)
+    share = _step_share(phase)
     span = spec.bptt_span(phase.K)
-    return batch * (drive + phase.T * step + span * (step + dphi - dphi_input) + dphi_input)
+    return batch * (drive + phase.T * share * step + span * share * (step + dphi - dphi_input) + dphi_input)
 
 
 def gdu_flops(spec: ModelSpec, phase: PhaseSettings, batch: int) -> float:

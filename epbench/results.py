@@ -14,7 +14,8 @@ experiment         experiment name from the suite
 task               ``gdu`` or ``train``
 model, model_desc  spec.kind and spec.describe(); activation, dt (the time step ε / leak)
 flavor, dataset    flavour; dataset name (``synthetic`` for the toy model's input)
-dtype, T, K, beta  phase settings; ``symmetric`` (bool) for ±β nudging
+dtype, T, K, beta  phase settings; ``symmetric`` (bool) for ±β nudging, ``alternate`` (bool)
+                   for the even/odd alternation of P training
 epochs, batch_size training settings / GDU batch size; lrs: learning rates, input side
                    first, joined by "-" (Table 4 order)
 trial, seed        trial index and the seed of its initial parameters and data
@@ -51,8 +52,8 @@ import pandas as pd
 
 COLUMNS = [
     "run_id", "experiment", "task", "model", "model_desc", "activation", "dt", "flavor", "dataset", "dtype",
-    "T", "K", "beta", "symmetric", "lrs", "epochs", "batch_size", "trial", "seed", "algorithm", "metric", "layer",
-    "quantity", "epoch", "t", "unit", "value", "compile_s", "run_s", "wall_time_s",
+    "T", "K", "beta", "symmetric", "alternate", "lrs", "epochs", "batch_size", "trial", "seed", "algorithm",
+    "metric", "layer", "quantity", "epoch", "t", "unit", "value", "compile_s", "run_s", "wall_time_s",
     "epbench_version", "git_commit", "git_dirty", "suite", "suite_hash", "backend", "framework",
     "framework_version", "device", "start_time",
 ]
@@ -130,7 +131,8 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
         frame[column] = frame[column].fillna(-1).astype("int64")
     for column in ("value", "compile_s", "run_s", "wall_time_s", "beta", "dt"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
-    frame["symmetric"] = frame["symmetric"].replace("", False).astype(bool)
+    for column in ("symmetric", "alternate"):
+        frame[column] = frame[column].replace("", False).astype(bool)
     frame["git_dirty"] = frame["git_dirty"].replace("", False).astype(bool)
     for column in COLUMNS:
         if frame[column].dtype == object:
@@ -151,12 +153,20 @@ def write_table(run_dir: Path, frame: pd.DataFrame) -> None:
 def read_table(run_dir: str | os.PathLike) -> pd.DataFrame:
     """The results table of a run directory (parquet, or CSV if parquet is missing)."""
     run_dir = Path(run_dir)
+    frame = None
     if (run_dir / TABLE_PARQUET).exists():
-        return pd.read_parquet(run_dir / TABLE_PARQUET)
-    for name in (TABLE_CSV, TABLE_CSV_PLAIN):
-        if (run_dir / name).exists():
-            return pd.read_csv(run_dir / name)
-    raise FileNotFoundError(f"{run_dir} holds no {TABLE_PARQUET} or {TABLE_CSV}")
+        frame = pd.read_parquet(run_dir / TABLE_PARQUET)
+    else:
+        for name in (TABLE_CSV, TABLE_CSV_PLAIN):
+            if (run_dir / name).exists():
+                frame = pd.read_csv(run_dir / name)
+                break
+    if frame is None:
+        raise FileNotFoundError(f"{run_dir} holds no {TABLE_PARQUET} or {TABLE_CSV}")
+    if "alternate" not in frame:  # tables written before the column existed
+        frame.insert(frame.columns.get_loc("symmetric") + 1 if "symmetric" in frame else len(frame.columns),
+                     "alternate", False)
+    return frame
 
 
 def has_table(run_dir: str | os.PathLike) -> bool:

@@ -276,6 +276,7 @@ def experiment_columns(exp: Experiment, trial: int) -> dict:
         "lrs": "-".join(f"{lr:g}" for lr in exp.train.lrs) if exp.train else "",
         "flavor": spec.flavor, "dataset": exp.dataset, "dtype": exp.dtype, "T": exp.phase.T,
         "K": exp.phase.K, "beta": exp.phase.beta, "symmetric": exp.phase.symmetric,
+        "alternate": exp.phase.alternate,
         "epochs": exp.train.epochs if exp.train else -1,
         "batch_size": exp.train.batch_size if exp.train else exp.batch_size,
         "trial": trial, "seed": exp.seed + trial,
@@ -302,6 +303,8 @@ def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
     runnable = []
     for exp in experiments:
         reason = backend.supports(exp.model, exp.dtype)
+        if not reason and exp.phase.alternate and not backend.capabilities.alternate:
+            reason = f"{backend.name} does not implement phase.alternate"
         if reason:
             skipped.append({"experiment": exp.name, "reason": reason})
         else:

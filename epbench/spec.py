@@ -208,12 +208,24 @@ class ModelSpec(_Strict):
 
 
 class PhaseSettings(_Strict):
-    """First phase (T steps from s = 0), nudged phase (K steps, strength β) and BPTT over K."""
+    """First phase (T steps from s = 0), nudged phase (K steps, strength β) and BPTT over K.
+
+    ``alternate`` (training only; P models with dt = 1): the even/odd alternation of appendix
+    C.6 (Fig. 14). In a layered P model s_{t+1}^i depends on s_t^{i±1} only, so the loss reaches
+    back through one zig-zag half of the unrolled graph; updating the even-index and the
+    odd-index layers on alternate steps computes just that half, at half the products per step.
+    Both phases then run as T/2 and K/2 double steps (odd layers then even layers in the first
+    phase, ending on s0; even layers, with the nudge, then odd layers in the nudged phase), so
+    T, K and the BPTT span must be even. Exact for the first phase's s0_T, the loss, the online
+    error and the truncated BPTT gradient (odd layers hold s_{T−1}); EP's update is that of the
+    alternated dynamics, equal to the synchronous one at a fixed point (docs/equations.md).
+    """
 
     T: int
     K: int
     beta: float
     symmetric: bool = False
+    alternate: bool = False
     dtype: DType = "float32"
 
     @field_validator("T")
@@ -241,7 +253,27 @@ class PhaseSettings(_Strict):
     def _k_le_t(self) -> "PhaseSettings":
         if self.K > self.T:
             raise ValueError(f"K ({self.K}) must not exceed T ({self.T})")
+        if self.alternate and (self.T % 2 or self.K % 2):
+            raise ValueError(f"alternate runs double steps: T ({self.T}) and K ({self.K}) must be even")
         return self
+
+
+def alternation_problem(spec: ModelSpec, phase: PhaseSettings) -> str | None:
+    """Why ``phase.alternate`` cannot apply to ``spec`` (``None`` if it can): it needs a layered
+    model whose new state depends on the neighbouring layers only, i.e. a fully connected P
+    model with dt = 1, and an even BPTT span."""
+    if not phase.alternate:
+        return None
+    if phase.T % 2 or phase.K % 2:
+        return f"alternate runs double steps: T ({phase.T}) and K ({phase.K}) must be even"
+    if spec.kind != "p":
+        return f"alternate applies to fully connected P models only, not {spec.kind}"
+    if spec.step != 1.0:
+        return f"alternate needs dt = 1 (no leak), got dt = {spec.step:g}"
+    span = spec.bptt_span(phase.K)
+    if span % 2:
+        return f"alternate needs an even BPTT span; the {spec.flavor} flavour's is {span}"
+    return None
 
 
 class TrainSettings(_Strict):
@@ -263,3 +295,15 @@ class TrainSettings(_Strict):
         if len(self.lrs) != spec.n_layers:
             raise ValueError(f"{spec.kind} needs {spec.n_layers} learning rates, got {len(self.lrs)}")
         return list(reversed(self.lrs))
+
+
+def check_alternation(spec: ModelSpec, phase: PhaseSettings, gdu: bool = False) -> None:
+    """Raise ``ValueError`` if ``phase.alternate`` is set where it does not apply (for backends:
+    call it first in ep_update, bptt_grad, train_epoch and gdu)."""
+    if not phase.alternate:
+        return
+    if gdu:
+        raise ValueError("phase.alternate is a training option: the GDU processes follow the synchronous dynamics")
+    problem = alternation_problem(spec, phase)
+    if problem:
+        raise ValueError(problem)

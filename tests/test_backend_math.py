@@ -21,7 +21,7 @@ import torch.nn.functional as Fn
 
 from epbench import presets
 from epbench.metrics import relmse
-from epbench.spec import ModelSpec, PhaseSettings
+from epbench.spec import ModelSpec, PhaseSettings, TrainSettings
 
 F64 = torch.float64
 
@@ -413,6 +413,62 @@ def test_p_dt1_saw_teeth(backend):
         teeth = np.abs(g.ep_s[i][other::2])
         assert np.any(teeth > 0.0)
         assert teeth.max() < 0.01 * np.abs(g.ep_s[i][i % 2::2]).max()  # O(β)
+
+
+# ----- even/odd alternation of the P models (appendix C.6) --------------------------------
+ALT_SPEC = dict(kind="p", n_in=30, hidden=(24, 16), n_out=6, activation="sigmoid", dt=1.0)
+
+
+def test_alternation_leaves_bptt_training_exactly_as_it_was(backend):
+    """The loss reaches back through one zig-zag half of the unrolled P graph, so alternating
+    the even and odd layers changes nothing that BPTT training sees: the truncated gradient, the
+    online train error and the trained weights equal those of the synchronous dynamics."""
+    spec = ModelSpec(**ALT_SPEC)
+    _, P = setup(backend, spec, seed=41)
+    x, y = batch(spec, 5, seed=42)
+    sync = PhaseSettings(T=40, K=10, beta=0.05, dtype="float64")
+    alt = sync.model_copy(update={"alternate": True})
+    g_sync, g_alt = backend.bptt_grad(spec, P, x, y, sync), backend.bptt_grad(spec, P, x, y, alt)
+    for k in g_sync:
+        assert np.linalg.norm(g_alt[k] - g_sync[k]) <= 1e-12 * np.linalg.norm(g_sync[k]), k
+    xs, labels = batch(spec, 40, seed=43)[0], np.random.default_rng(44).integers(0, 6, 40)
+    train = TrainSettings(lrs=(0.2, 0.1, 0.05), batch_size=8)
+    runs = [backend.train_epoch(spec, P, xs, labels, ph, train, "bptt") for ph in (sync, alt)]
+    assert runs[0].train_error == runs[1].train_error
+    w_sync, w_alt = (backend.to_numpy(spec, r.params) for r in runs)
+    for k in w_sync:
+        np.testing.assert_allclose(w_alt[k], w_sync[k], rtol=0, atol=1e-12, err_msg=k)
+
+
+def test_alternated_ep_update_meets_the_synchronous_one_at_the_fixed_point(backend):
+    """EP under alternation nudges one zig-zag half: a different transient (apart after K = 10),
+    the same update once the nudged phase has converged."""
+    spec = ModelSpec(**ALT_SPEC)
+    _, P = setup(backend, spec, seed=41)
+    x, y = batch(spec, 5, seed=42)
+
+    def gap(T, K):
+        sync = PhaseSettings(T=T, K=K, beta=0.05, dtype="float64")
+        a = backend.ep_update(spec, P, x, y, sync)
+        b = backend.ep_update(spec, P, x, y, sync.model_copy(update={"alternate": True}))
+        return max(np.linalg.norm(a[k] - b[k]) / np.linalg.norm(a[k]) for k in a)
+
+    assert gap(40, 10) > 1e-3
+    assert gap(400, 200) < 1e-7
+
+
+def test_alternation_is_refused_where_it_does_not_apply(backend):
+    x, y = batch(ModelSpec(**ALT_SPEC), 2, seed=1)
+    alt = PhaseSettings(T=10, K=4, beta=0.1, dtype="float64", alternate=True)
+    cases = [(ModelSpec(**ALT_SPEC), "gdu", "training option"),
+             (ModelSpec(**{**ALT_SPEC, "activation": "tanh", "kind": "eb", "dt": 0.2}), "ep", "P models only"),
+             (ModelSpec(**{**ALT_SPEC, "flavor": "official-code"}), "bptt", "even BPTT span"),
+             (ModelSpec(**{**ALT_SPEC, "dt": 0.5}), "ep", "dt = 1")]
+    for spec, what, message in cases:
+        P = backend.from_numpy(spec, backend.init_params(spec, 0), "float64")
+        call = {"gdu": backend.gdu, "ep": backend.ep_update, "bptt": backend.bptt_grad}[what]
+        with pytest.raises(ValueError, match=message):
+            call(spec, P, x, y, alt)
 
 
 # ----- training ---------------------------------------------------------------------------

@@ -61,6 +61,14 @@ BAD_SUITES = {
     "bad_yaml": ("name: s\nexperiments: [\n  - {name: a\n", "bad YAML"),
     "unknown_model": ("name: s\nexperiments:\n  - name: a\n    task: gdu\n"
                       "    model: {kind: rnn}\n    phase: {T: 5, K: 2, beta: 0.1}\n", "model.kind"),
+    "alternate_gdu": ("name: s\nexperiments:\n  - name: a\n    task: gdu\n    model: {kind: p, hidden: [8]}\n"
+                      "    phase: {T: 6, K: 2, beta: 0.1, alternate: true}\n", "alternate is a training option"),
+    "alternate_eb": ("name: s\nexperiments:\n  - name: a\n    task: train\n    model: {kind: eb, hidden: [8]}\n"
+                     "    phase: {T: 6, K: 2, beta: 0.1, alternate: true}\n    train: {lrs: [0.1, 0.1]}\n",
+                     "fully connected P models only"),
+    "alternate_odd_k": ("name: s\nexperiments:\n  - name: a\n    task: train\n    model: {kind: p, hidden: [8]}\n"
+                        "    phase: {T: 6, K: 3, beta: 0.1, alternate: true}\n    train: {lrs: [0.1, 0.1]}\n",
+                        "must be even"),
 }
 
 

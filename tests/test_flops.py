@@ -37,3 +37,12 @@ def test_pconv_counts():
     fc = 2 * 10 * 1024
     step = 2 * conv2 + 2 * fc
     assert flops.ep_train_flops(spec, phase, 1) == conv1 + 2 * step + 2 * (conv2 + fc) + conv1
+
+
+def test_alternation_halves_the_step_products():
+    spec = ModelSpec(kind="p", n_in=6, hidden=(4,), n_out=3, flavor="paper")
+    sync = PhaseSettings(T=6, K=2, beta=0.1)
+    alt = PhaseSettings(T=6, K=2, beta=0.1, alternate=True)
+    # per sample: one step = 48 (see above); 8 steps of EP, 6 + 2 of BPTT (2 with 48 + 24)
+    assert flops.ep_train_flops(spec, sync, 1) - flops.ep_train_flops(spec, alt, 1) == 4 * 48
+    assert flops.bptt_train_flops(spec, sync, 1) - flops.bptt_train_flops(spec, alt, 1) == 3 * 48 + (48 + 24)

@@ -11,6 +11,8 @@ Proposition 4, appendix eqs 31-33).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -24,10 +26,15 @@ from epbench_jax import models as M
 class Prepared:
     """Per-batch quantities, computed once outside the time loops: u, the step parameters in
     their step layout ``psl`` (and the transpose ``layout_vjp`` back to θ_step), the drive d,
-    the constant pooling indices ``aux`` and the transpose ``drive_vjp`` of θ_drive ↦ d."""
+    the constant pooling indices ``aux`` and the transpose ``drive_vjp`` of θ_drive ↦ d.
 
-    def __init__(self, spec: ModelSpec, params: dict, x):
+    ``F(ps, d, s, nudge=None)`` is the step every phase and the BPTT sweep use: ``models.step``,
+    or with ``alternate`` the double step ``models.double_step`` (two time steps; the callers
+    then count T, K and the BPTT span in double steps, see :func:`steps`)."""
+
+    def __init__(self, spec: ModelSpec, params: dict, x, alternate: bool = False):
         self.spec = spec
+        self.F = functools.partial(M.double_step if alternate else M.step, spec)
         self.params = params
         self.u = M.input_of(spec, x)
         ps, pd = M.split_params(spec, params)
@@ -37,7 +44,7 @@ class Prepared:
         self.dtype = x.dtype
 
     def step(self, s, nudge=None):
-        return M.step(self.spec, self.psl, self.d, s, nudge)
+        return self.F(self.psl, self.d, s, nudge)
 
     def theta_grad(self, g_layout, g_drive) -> dict:
         """Cotangents of the step layout and of the drive → ∂/∂θ for every parameter."""
@@ -181,16 +188,16 @@ def bptt_prop4(prep: Prepared, states, s_T, y, per_step: bool):
     n = jax.tree.leaves(states)[0].shape[0]
 
     def eq32(g, s):
-        _, pull = jax.vjp(lambda z: M.step(spec, prep.psl, prep.d, z), s)
+        _, pull = jax.vjp(lambda z: prep.F(prep.psl, prep.d, z), s)
         (g_new,) = pull(g)
         return g_new, (g, g_new)
 
     def eq33(s, g):
-        _, pull = jax.vjp(lambda p, d: M.step(spec, p, d, s), prep.psl, prep.d)
+        _, pull = jax.vjp(lambda p, d: prep.F(p, d, s), prep.psl, prep.d)
         return pull(g)
 
     def eq32_33(s, g):
-        _, pull = jax.vjp(lambda z, p, d: M.step(spec, p, d, z), s, prep.psl, prep.d)
+        _, pull = jax.vjp(lambda z, p, d: prep.F(p, d, z), s, prep.psl, prep.d)
         return pull(g)
 
     if spec.kind == "pconv":
@@ -222,7 +229,7 @@ def bptt_prop4(prep: Prepared, states, s_T, y, per_step: bool):
     # s_{T−n+j} (t = n − j), with its cotangent ∇s(t−1) and its result ∇s(t)
     _, (cot, grads) = lax.scan(eq32, g0, states, reverse=True)
     if not per_step:  # Σ_t eq. 33: one VJP of the step mapped over t, θ shared
-        _, pull = jax.vjp(lambda p, d: jax.vmap(lambda s: M.step(spec, p, d, s))(states), prep.psl, prep.d)
+        _, pull = jax.vjp(lambda p, d: jax.vmap(lambda s: prep.F(p, d, s))(states), prep.psl, prep.d)
         return prep.theta_grad(*pull(cot))  # both maps are linear: sum first, map once
     bptt_s = [jnp.concatenate([jnp.sum(a, 0)[None], jnp.flip(jnp.sum(b, 1), 0)], 0) for a, b in zip(g0, grads)]
     # t = 0..n: at t = 0 the cotangent is 0, so ∇θ(0) = 0 exactly (any state will do)
@@ -240,9 +247,11 @@ def first_phase_program(spec: ModelSpec, T: int):
     return run
 
 
-def ep_update_program(spec: ModelSpec, T: int, K: int, symmetric: bool):
+def ep_update_program(spec: ModelSpec, T: int, K: int, symmetric: bool, alternate: bool = False):
+    T, K, _ = steps(spec, T, K, alternate)
+
     def run(params, x, y, beta):
-        prep = Prepared(spec, params, x)
+        prep = Prepared(spec, params, x, alternate)
         s_star, _ = first_phase(prep, T)
         return ep_update(prep, s_star, y, beta, K, symmetric)
     return run
@@ -252,11 +261,19 @@ def bptt_span(spec: ModelSpec, T: int, K: int) -> int:
     return min(spec.bptt_span(K), T)
 
 
-def bptt_grad_program(spec: ModelSpec, T: int, K: int):
+def steps(spec: ModelSpec, T: int, K: int, alternate: bool) -> tuple[int, int, int]:
+    """(first-phase steps, nudged steps, BPTT span) of the step function ``Prepared.F``: time
+    steps, or double steps with ``alternate`` (the counts are even, see
+    ``epbench.spec.alternation_problem``)."""
     n = bptt_span(spec, T, K)
+    return (T // 2, K // 2, n // 2) if alternate else (T, K, n)
+
+
+def bptt_grad_program(spec: ModelSpec, T: int, K: int, alternate: bool = False):
+    T, _, n = steps(spec, T, K, alternate)
 
     def run(params, x, y):
-        prep = Prepared(spec, params, x)
+        prep = Prepared(spec, params, x, alternate)
         s_T, hist = first_phase(prep, T, n)
         return bptt_prop4(prep, hist, s_T, y, per_step=False)
     return run
@@ -282,17 +299,17 @@ def gdu_program(spec: ModelSpec, T: int, K: int, symmetric: bool):
 
 
 def train_step(spec: ModelSpec, T: int, K: int, algorithm: str, symmetric: bool,
-               params, x, y, labels, lrs, beta):
+               params, x, y, labels, lrs, beta, alternate: bool = False):
     """One SGD step: first phase, online error count, then θ += lr·ep_update (EP) or
     θ −= lr·bptt_grad (BPTT). Returns (θ', n_wrong, finite) where ``finite`` says whether the
     first-phase states and θ' are all finite."""
-    prep = Prepared(spec, params, x)
+    prep = Prepared(spec, params, x, alternate)
+    T, K, n = steps(spec, T, K, alternate)
     if algorithm == "ep":
         s_star, _ = first_phase(prep, T)
         direction = ep_update(prep, s_star, y, beta, K, symmetric)
         sign = 1.0
     else:
-        n = bptt_span(spec, T, K)
         s_star, hist = first_phase(prep, T, n)
         direction = bptt_prop4(prep, hist, s_star, y, per_step=False)
         sign = -1.0
@@ -302,7 +319,7 @@ def train_step(spec: ModelSpec, T: int, K: int, algorithm: str, symmetric: bool,
     return new, wrong, finite
 
 
-def train_program(spec: ModelSpec, T: int, K: int, algorithm: str, symmetric: bool):
+def train_program(spec: ModelSpec, T: int, K: int, algorithm: str, symmetric: bool, alternate: bool = False):
     """A scan of :func:`train_step` over stacked mini-batches; every step after one diverges is
     skipped. Returns (θ, n_wrong, n_seen, diverged)."""
 
@@ -314,7 +331,7 @@ def train_program(spec: ModelSpec, T: int, K: int, algorithm: str, symmetric: bo
             x, y, lab = batch
 
             def live(p):
-                new, w, finite = train_step(spec, T, K, algorithm, symmetric, p, x, y, lab, lrs, beta)
+                new, w, finite = train_step(spec, T, K, algorithm, symmetric, p, x, y, lab, lrs, beta, alternate)
                 return new, ~finite, w, jnp.int32(bs)
 
             def skip(p):

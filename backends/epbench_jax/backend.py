@@ -16,10 +16,10 @@ from typing import Mapping
 
 import numpy as np
 
-from epbench.backend import Availability, Backend, EpochResult, GDUProcesses
+from epbench.backend import Availability, Backend, Capabilities, EpochResult, GDUProcesses
 from epbench.errors import BackendUnavailable
 from epbench.params import check_params
-from epbench.spec import Algorithm, ModelSpec, PhaseSettings, TrainSettings
+from epbench.spec import Algorithm, ModelSpec, PhaseSettings, TrainSettings, check_alternation
 
 _CUDA_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12")
 _NVIDIA_DRIVER = "/proc/driver/nvidia/version"
@@ -49,6 +49,7 @@ class JaxBackend(Backend):
     """EP and BPTT in JAX, each phase one compiled XLA program."""
 
     framework = "jax"
+    capabilities = Capabilities(alternate=True)
     #: mini-batches per compiled training chunk
     CHUNK = 50
 
@@ -178,11 +179,13 @@ class JaxBackend(Backend):
                   phase: PhaseSettings) -> dict[str, np.ndarray]:
         from epbench_jax import algorithms as A
 
+        check_alternation(spec, phase)
+
         dtype = phase.dtype
         with self._x64(dtype):
             p = self._native(spec, params, dtype)
-            out, _ = self._call(("ep_update", spec, phase.T, phase.K, phase.symmetric),
-                                lambda: A.ep_update_program(spec, phase.T, phase.K, phase.symmetric),
+            out, _ = self._call(("ep_update", spec, phase.T, phase.K, phase.symmetric, phase.alternate),
+                                lambda: A.ep_update_program(spec, phase.T, phase.K, phase.symmetric, phase.alternate),
                                 p, self._batch(spec, x, dtype), self._put(y, dtype), self._scalar(phase.beta, dtype))
             return self._host(out)
 
@@ -190,16 +193,20 @@ class JaxBackend(Backend):
                   phase: PhaseSettings) -> dict[str, np.ndarray]:
         from epbench_jax import algorithms as A
 
+        check_alternation(spec, phase)
+
         dtype = phase.dtype
         with self._x64(dtype):
             p = self._native(spec, params, dtype)
-            out, _ = self._call(("bptt_grad", spec, phase.T, phase.K),
-                                lambda: A.bptt_grad_program(spec, phase.T, phase.K),
+            out, _ = self._call(("bptt_grad", spec, phase.T, phase.K, phase.alternate),
+                                lambda: A.bptt_grad_program(spec, phase.T, phase.K, phase.alternate),
                                 p, self._batch(spec, x, dtype), self._put(y, dtype))
             return self._host(out)
 
     def gdu(self, spec: ModelSpec, params, x: np.ndarray, y: np.ndarray, phase: PhaseSettings) -> GDUProcesses:
         from epbench_jax import algorithms as A
+
+        check_alternation(spec, phase, gdu=True)
 
         dtype = phase.dtype
         with self._x64(dtype):
@@ -216,6 +223,8 @@ class JaxBackend(Backend):
     def train_epoch(self, spec: ModelSpec, params, x: np.ndarray, labels: np.ndarray,
                     phase: PhaseSettings, train: TrainSettings, algorithm: Algorithm) -> EpochResult:
         from epbench_jax import algorithms as A
+
+        check_alternation(spec, phase)
 
         if algorithm not in ("ep", "bptt"):
             raise ValueError(f"unknown algorithm {algorithm!r}")
@@ -237,7 +246,7 @@ class JaxBackend(Backend):
             chunks.append((xs, labs))
         if n % bs:
             chunks.append((x[n_full * bs:][None], labels[n_full * bs:][None]))
-        key = ("train", spec, phase.T, phase.K, phase.symmetric, algorithm)
+        key = ("train", spec, phase.T, phase.K, phase.symmetric, phase.alternate, algorithm)
         timings = {"compile_s": 0.0, "run_s": 0.0}
         wrong = seen = 0
         diverged = False
@@ -248,7 +257,7 @@ class JaxBackend(Backend):
             for xs, labs in chunks:
                 ys = np.eye(spec.n_out)[labs]
                 (p, w, s, div), t = self._call(
-                    key, lambda: A.train_program(spec, phase.T, phase.K, algorithm, phase.symmetric),
+                    key, lambda: A.train_program(spec, phase.T, phase.K, algorithm, phase.symmetric, phase.alternate),
                     p, self._put(xs, dtype), self._put(ys, dtype), self._put(labs), lrs, beta)
                 for k in timings:
                     timings[k] += t[k]

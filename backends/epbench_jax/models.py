@@ -306,17 +306,18 @@ def drive(spec: ModelSpec, pd: dict, u):
 
 
 # ----- one step -------------------------------------------------------------------------------
-def _pre_layered(spec: ModelSpec, ps: dict, d, r):
-    """pre_i = W_{i,i+1} r_{i+1} + W_{i−1,i}ᵀ r_{i−1} + d_i + b_i (layered eb/p; r = ρ(s) or s)."""
+def _pre_layered(spec: ModelSpec, ps: dict, d, r, layers=None):
+    """pre_i = W_{i,i+1} r_{i+1} + W_{i−1,i}ᵀ r_{i−1} + d_i + b_i (layered eb/p; r = ρ(s) or s),
+    for every layer, or only for those in ``layers`` (the others are ``None``)."""
     L = spec.n_layers - 1
-    pre = []
-    for i in range(L + 1):
+    pre = [None] * (L + 1)
+    for i in range(L + 1) if layers is None else layers:
         p = d[i] if i == L else mm(r[i + 1], ps[f"W{i}{i + 1}"].T)
         if i > 0:
             p = p + mm(r[i - 1], ps[f"W{i - 1}{i}"])
         if spec.biases and i < L:
             p = p + ps[f"b{i}"]
-        pre.append(p)
+        pre[i] = p
     return pre
 
 
@@ -338,6 +339,32 @@ def pconv_pre(spec: ModelSpec, ps: dict, d, s):
     pre1 = pool1 + mm(s0, ps["W01"]).reshape(s1.shape)
     pre2 = d[2] + conv_t_mat(unpool(s1, idx1, spec.pool, c1.shape[1]), w_conv_t, k)
     return [pre0, pre1, pre2]
+
+
+def half_step(spec: ModelSpec, ps: dict, d, s, parity: int, nudge=None):
+    """Update only the layers i ≡ parity (mod 2) of a P model (the others keep their state);
+    the nudge β(y − s0) goes with layer 0 (PhaseSettings.alternate, appendix C.6)."""
+    layers = range(parity, spec.n_layers, 2)
+    pre = _pre_layered(spec, ps, d, s, layers)
+    ds = {i: -s[i] + rho(spec.activation, pre[i]) for i in layers}
+    if nudge is not None and 0 in ds:
+        beta, y = nudge
+        ds[0] = ds[0] + beta * (y - s[0])
+    new = list(s)
+    for i, di in ds.items():
+        new[i] = s[i] + spec.step * di
+        if spec.clamp:
+            new[i] = clip01(new[i])
+    return tuple(new)
+
+
+def double_step(spec: ModelSpec, ps: dict, d, s, nudge=None):
+    """Two time steps of the alternated P dynamics at the cost of one synchronous step: odd
+    layers then even layers (free; ends on s0, so s0 follows the synchronous s0 exactly), or
+    even layers with the nudge then odd layers (nudged phase)."""
+    if nudge is None:
+        return half_step(spec, ps, d, half_step(spec, ps, d, s, 1), 0)
+    return half_step(spec, ps, d, half_step(spec, ps, d, s, 0, nudge), 1)
 
 
 def dsdt(spec: ModelSpec, ps: dict, d, s):

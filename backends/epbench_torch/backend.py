@@ -17,9 +17,9 @@ from typing import Mapping
 
 import numpy as np
 
-from epbench.backend import Availability, Backend, EpochResult, GDUProcesses
+from epbench.backend import Availability, Backend, Capabilities, EpochResult, GDUProcesses
 from epbench.errors import BackendUnavailable
-from epbench.spec import Algorithm, ModelSpec, PhaseSettings, TrainSettings
+from epbench.spec import Algorithm, ModelSpec, PhaseSettings, TrainSettings, check_alternation
 
 _DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl")
 
@@ -79,6 +79,7 @@ class TorchBackend(Backend):
     """EP and BPTT on PyTorch, on the CPU (``torch-cpu``) or one CUDA device (``torch-cuda``)."""
 
     framework = "torch"
+    capabilities = Capabilities(alternate=True)
 
     def __init__(self, device: str = "cpu"):
         if device not in ("cpu", "cuda"):
@@ -213,34 +214,50 @@ class TorchBackend(Backend):
         s = A.free_phase(model, params, drives, A.zero_states(spec, xt.shape[0], xt), T)[-1]
         return [self._np(si) for si in s]
 
-    def _free(self, spec, params, x, y, phase: PhaseSettings, keep: int):
-        """Shared prologue: model, params, x, y as tensors, drives, ctx and the last states."""
+    @staticmethod
+    def _dynamics(spec: ModelSpec, model, phase: PhaseSettings):
+        """(step model, first-phase steps, nudged steps, BPTT span) in units of its step: time
+        steps, or with ``phase.alternate`` double steps of :class:`~epbench_torch.models.Alternated`."""
+        from epbench_torch.models import Alternated
+
+        check_alternation(spec, phase)
+        span = spec.bptt_span(phase.K)
+        if phase.alternate:
+            return Alternated(model), phase.T // 2, phase.K // 2, span // 2
+        return model, phase.T, phase.K, span
+
+    def _free(self, spec, params, x, y, phase: PhaseSettings, keep: int | None):
+        """Shared prologue: step model, params, x, y as tensors, drives, ctx, the last states
+        (``keep`` of them; ``None``: the BPTT span + 1) and the step counts of ``_dynamics``."""
         import torch
 
         from epbench_torch import algorithms as A
 
         dtype = self._dtype(phase.dtype)
         model, params, xt = self._prepare(spec, params, x, dtype)
+        model, T, K, span = self._dynamics(spec, model, phase)
         yt = self._tensor(y, dtype).reshape(xt.shape[0], -1)
         with torch.no_grad():
             drives, ctx = model.drive(params, xt)
-        hist = A.free_phase(model, params, drives, A.zero_states(spec, xt.shape[0], xt), phase.T, keep)
-        return model, params, yt, drives, ctx, hist
+        hist = A.free_phase(model, params, drives, A.zero_states(spec, xt.shape[0], xt), T,
+                            span + 1 if keep is None else keep)
+        return model, params, yt, drives, ctx, hist, (K, span)
 
     @_numerics
     def ep_update(self, spec: ModelSpec, params: dict, x: np.ndarray, y: np.ndarray,
                   phase: PhaseSettings) -> dict[str, np.ndarray]:
-        model, params, yt, drives, ctx, hist = self._free(spec, params, x, y, phase, 1)
-        delta = self._ep_delta(spec, model, params, drives, ctx, hist[-1], yt, phase)
+        model, params, yt, drives, ctx, hist, (K, _) = self._free(spec, params, x, y, phase, 1)
+        delta = self._ep_delta(spec, model, params, drives, ctx, hist[-1], yt, phase, K)
         return {k: self._np(v) for k, v in delta.items()}
 
     @staticmethod
-    def _ep_delta(spec, model, params, drives, ctx, s_star, yt, phase: PhaseSettings) -> dict:
+    def _ep_delta(spec, model, params, drives, ctx, s_star, yt, phase: PhaseSettings, K: int) -> dict:
+        """The EP update after ``K`` nudged steps of ``model`` (see ``_dynamics``)."""
         from epbench_torch import algorithms as A
 
         b = phase.beta
-        s_plus = A.nudged_phase(model, params, drives, s_star, yt, b, phase.K)[-1]
-        s_minus = A.nudged_phase(model, params, drives, s_star, yt, -b, phase.K)[-1] if phase.symmetric else None
+        s_plus = A.nudged_phase(model, params, drives, s_star, yt, b, K)[-1]
+        s_minus = A.nudged_phase(model, params, drives, s_star, yt, -b, K)[-1] if phase.symmetric else None
         return A.ep_update(model, params, ctx, s_star, s_plus, spec.ep_scale(b), s_minus)
 
     @_numerics
@@ -248,8 +265,7 @@ class TorchBackend(Backend):
                   phase: PhaseSettings) -> dict[str, np.ndarray]:
         from epbench_torch import algorithms as A
 
-        span = spec.bptt_span(phase.K)
-        model, params, yt, drives, ctx, hist = self._free(spec, params, x, y, phase, span + 1)
+        model, params, yt, drives, ctx, hist, (_, span) = self._free(spec, params, x, y, phase, None)
         _, grad = A.bptt_sweep(model, params, drives, ctx, hist, yt, span, per_step=False)
         return {k: self._np(grad[k]) for k in spec.param_shapes}
 
@@ -258,9 +274,10 @@ class TorchBackend(Backend):
             phase: PhaseSettings) -> GDUProcesses:
         from epbench_torch import algorithms as A
 
+        check_alternation(spec, phase, gdu=True)
         K = phase.K
         t0 = time.perf_counter()
-        model, params, yt, drives, ctx, hist = self._free(spec, params, x, y, phase, K + 1)
+        model, params, yt, drives, ctx, hist, _ = self._free(spec, params, x, y, phase, K + 1)
         self.synchronize()
         t1 = time.perf_counter()
         bptt_s, bptt_theta = A.bptt_sweep(model, params, drives, ctx, hist, yt, K, per_step=True)
@@ -306,14 +323,13 @@ class TorchBackend(Backend):
         dtype = self._dtype(phase.dtype)
         dev = self._device()
         params = {k: v.to(device=dev, dtype=dtype).clone() for k, v in params.items()}
-        model = build_model(spec)
+        model, T, K, span = self._dynamics(spec, build_model(spec), phase)
         lr_layer = train.lr_of_layer(spec)
         lrs = {k: lr_layer[spec.param_layer(k)] for k in params}
         X = self._tensor(x, dtype)
         X = X.reshape(X.shape[0], *spec.input_shape)
         lab = torch.as_tensor(np.asarray(labels).reshape(-1), device=dev, dtype=torch.long)
         N = X.shape[0]
-        span = spec.bptt_span(phase.K)
         keep = span + 1 if algorithm == "bptt" else 1
         errors = torch.zeros((), dtype=torch.long, device=dev)
         seen = 0
@@ -323,12 +339,12 @@ class TorchBackend(Backend):
             yb = F.one_hot(lb, spec.n_out).to(dtype)
             with torch.no_grad():
                 drives, ctx = model.drive(params, xb)
-            hist = A.free_phase(model, params, drives, A.zero_states(spec, xb.shape[0], xb), phase.T, keep)
+            hist = A.free_phase(model, params, drives, A.zero_states(spec, xb.shape[0], xb), T, keep)
             s_star = hist[-1]
             errors += (s_star[0].argmax(1) != lb).sum()
             seen += xb.shape[0]
             if algorithm == "ep":
-                delta = self._ep_delta(spec, model, params, drives, ctx, s_star, yb, phase)
+                delta = self._ep_delta(spec, model, params, drives, ctx, s_star, yb, phase, K)
                 sign = 1.0
             else:
                 _, delta = A.bptt_sweep(model, params, drives, ctx, hist, yb, span, per_step=False)

@@ -98,8 +98,10 @@ class DenseModel:
             drives[i] = F.linear(u, params[w], params.get(f"b{i}") if self.biases else None)
         return drives, {"u": u}
 
-    def step(self, params: dict, drives: list, s: list, beta: float = 0.0, y: Tensor | None = None) -> list:
-        """One step ``s_i ← s_i + h·dsdt_i(s)`` (+ ``h·β(y − s0)`` on the output), then the clamp."""
+    def step(self, params: dict, drives: list, s: list, beta: float = 0.0, y: Tensor | None = None,
+             layers=None) -> list:
+        """One step ``s_i ← s_i + h·dsdt_i(s)`` (+ ``h·β(y − s0)`` on the output), then the clamp;
+        with ``layers``, only those layers move (P models; the others keep their state)."""
         h, L = self.h, self.L
         if self.energy:  # ρ(s_i) for the neighbours, g_i = ρ'(s_i) (g_0 = 1 without σ'(s0))
             r, g = [], []
@@ -111,6 +113,9 @@ class DenseModel:
             r = s
         out = []
         for i in range(self.n):
+            if layers is not None and i not in layers:
+                out.append(s[i])
+                continue
             pre = drives[i]
             if i < L:
                 W = params[self.lateral[i]]
@@ -288,6 +293,27 @@ class ConvModel:
         if self.biases:
             out["b2"] = g2.sum((1, 3, 4))
         return out
+
+
+class Alternated:
+    """A P fully connected model under ``PhaseSettings.alternate`` (appendix C.6): ``step`` is a
+    double step that updates the odd-index layers, then the even-index ones (free phase: it
+    ends on s0), or the even ones with the nudge, then the odd ones (nudged phase). Two time
+    steps for the products of one; everything else is the wrapped model's."""
+
+    def __init__(self, model: DenseModel):
+        self.model = model
+        self.even = tuple(range(0, model.n, 2))
+        self.odd = tuple(range(1, model.n, 2))
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def step(self, params: dict, drives: list, s: list, beta: float = 0.0, y: Tensor | None = None) -> list:
+        m = self.model
+        if beta == 0.0:
+            return m.step(params, drives, m.step(params, drives, s, layers=self.odd), layers=self.even)
+        return m.step(params, drives, m.step(params, drives, s, beta, y, layers=self.even), layers=self.odd)
 
 
 def build_model(spec: ModelSpec):

@@ -20,7 +20,7 @@ import numpy as np
 
 from epbench.backend import Availability, Backend, Capabilities, EpochResult, GDUProcesses
 from epbench.metrics import error_rate, relmse
-from epbench.spec import Activation, DType, Flavor, ModelKind, ModelSpec, TrainSettings
+from epbench.spec import Activation, DType, Flavor, ModelKind, ModelSpec, TrainSettings, alternation_problem
 from epbench.testing.cases import CASES, PARAM_SEED, THEOREM_BETAS, THEOREM_PHASE, Case
 from epbench.testing.report import FAILED, PASSED, SKIPPED, CheckResult
 
@@ -890,6 +890,32 @@ def check_train(ctx: Context, unit: Unit, out: Recorder) -> None:
                f"train_epoch with a NaN in {first}: diverged={getattr(res, 'diverged', None)!r} (expected True)")
 
 
+# ----- the even/odd alternation (PhaseSettings.alternate) ---------------------------------------
+def check_alternate(ctx: Context, unit: Unit, out: Recorder) -> None:
+    """Where capabilities declare ``alternate``: for a P model with dt = 1, bptt_grad under the
+    alternation equals the synchronous bptt_grad (the loss sees one zig-zag half of the graph
+    only), and ep_update under it returns finite canonical arrays."""
+    b, case, dtype = ctx.backend, unit.case, unit.dtype
+    if not b.capabilities.alternate:
+        raise SkipCheck("capabilities do not declare alternate")
+    sync = case.phase(dtype, T=case.T + case.T % 2, K=case.K + case.K % 2)
+    alt = sync.model_copy(update={"alternate": True})
+    problem = alternation_problem(case.spec, alt)
+    if problem:
+        raise SkipCheck(problem)
+    spec = case.spec
+    want = _param_dict(out, spec, ctx.call(out, b, "bptt_grad", case, dtype, sync), "bptt_grad")
+    got = _param_dict(out, spec, ctx.call(out, b, "bptt_grad", case, dtype, alt), "bptt_grad (alternate)")
+    ep = _param_dict(out, spec, ctx.call(out, b, "ep_update", case, dtype, alt), "ep_update (alternate)")
+    if want is None or got is None or ep is None:
+        return
+    for name in spec.param_shapes:
+        out.close(name, got[name], want[name], SELF_TOL[dtype],
+                  f"bptt_grad with phase.alternate vs synchronous (T={sync.T}, K={sync.K})")
+        out.expect(bool(np.all(np.isfinite(ep[name]))), name,
+                   "ep_update with phase.alternate returns finite values")
+
+
 # ----- agreement with the reference backend -----------------------------------------------------
 def check_reference(ctx: Context, unit: Unit, out: Recorder) -> None:
     """Same parameters and batch → the reference's first phase, ep_update (one-sided and symmetric),
@@ -943,6 +969,7 @@ CHECKS: dict[str, Callable[[Context, Unit, Recorder], None]] = {
     "ep_sum": check_ep_sum,
     "ep_phi": check_ep_phi,
     "train": check_train,
+    "alternate": check_alternate,
     "reference": check_reference,
     "theorem1": check_theorem1,
 }
