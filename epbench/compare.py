@@ -88,13 +88,13 @@ def compare_training(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
 
 
 def compare_timing(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
-    """Per experiment (summed over trials): wall, compile and run seconds in A and B, and
+    """Per experiment and task (summed over trials): wall, compile and run seconds in A and B, and
     run_ratio = run_s B / run_s A (below 1: B is faster, compilation excluded)."""
     def per_exp(df):
         t = summarize_timing(df)
-        return t.groupby("experiment", sort=False)[["wall_time_s", "compile_s", "run_s"]].sum().reset_index()
+        return t.groupby(["experiment", "task"], sort=False)[["wall_time_s", "compile_s", "run_s"]].sum().reset_index()
 
-    both = per_exp(a).merge(per_exp(b), on="experiment", suffixes=("_a", "_b"))
+    both = per_exp(a).merge(per_exp(b), on=["experiment", "task"], suffixes=("_a", "_b"))
     with np.errstate(divide="ignore", invalid="ignore"):
         both["run_ratio"] = both["run_s_b"] / both["run_s_a"]
     return both
@@ -146,7 +146,7 @@ def render_markdown(c: RunComparison, tolerance: float | None = None) -> str:
         out.append(_table(["experiment", "algorithm", "metric", "A", "B", "B − A"], rows) + "\n")
     if len(c.timing):
         out.append("## Timing (seconds; run time excludes compilation)\n")
-        rows = [[r["experiment"], _f(r["run_s_a"], 3), _f(r["run_s_b"], 3), _f(r["run_ratio"], 2),
+        rows = [[f"{r['experiment']} ({r['task']})", _f(r["run_s_a"], 3), _f(r["run_s_b"], 3), _f(r["run_ratio"], 2),
                  _f(r["compile_s_a"], 2), _f(r["compile_s_b"], 2), _f(r["wall_time_s_a"], 1),
                  _f(r["wall_time_s_b"], 1)] for _, r in c.timing.iterrows()]
         out.append(_table(["experiment", "run A", "run B", "B / A", "compile A", "compile B", "wall A",
