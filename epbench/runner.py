@@ -260,7 +260,7 @@ def run_train(backend: Backend, exp: Experiment, trial: int, data: DataCache, pr
                 {**base, "metric": "diverged", "value": float(result.diverged)},
                 {**base, "metric": "epoch_time_s", "value": elapsed},
             ]
-            progress(f"{exp.name} trial {trial} {algorithm} epoch {epoch}: train {result.train_error:.2f}% "
+            progress(f"{exp.name} trial {trial + 1} {algorithm} epoch {epoch}: train {result.train_error:.2f}% "
                      f"test {test_error:.2f}%", 1, 0)
             if result.diverged:
                 break
