@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -154,6 +154,14 @@ class Backend(ABC):
         (the core shuffles before the call; a last short batch is used as it is).
         EP: θ += lr·ep_update; BPTT: θ −= lr·bptt_grad, per layer (``train.lr_of_layer``).
         A NaN/inf in the states or parameters stops the epoch with ``diverged=True``."""
+
+    def train_epochs(self, spec: ModelSpec, params: Sequence[Params], xs: Sequence[np.ndarray],
+                     labels: Sequence[np.ndarray], phase: PhaseSettings, train: TrainSettings,
+                     algorithm: Algorithm) -> list[EpochResult]:
+        """One epoch of several independent trials (their own parameters and data order, the
+        same data size): ``[train_epoch(params[i], xs[i], labels[i]) for i]``. A backend may
+        override it to run the trials as one batched program; the results must be the same."""
+        return [self.train_epoch(spec, p, x, lab, phase, train, algorithm) for p, x, lab in zip(params, xs, labels)]
 
     @abstractmethod
     def evaluate(self, spec: ModelSpec, params: Params, x: np.ndarray, labels: np.ndarray,

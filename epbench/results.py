@@ -33,7 +33,8 @@ compile_s, run_s   backend timings of the measurement (compile excluded from run
                    measurement under 0.5 s is run up to 5 times and run_s is the fastest)
 provenance         run_id, epbench_version, git_commit, git_dirty, suite, suite_hash,
                    backend, framework, framework_version, device, start_time,
-                   wall_time_s (of the whole experiment x trial)
+                   wall_time_s (of the whole experiment x trial; the trials of a training
+                   experiment run together, each gets an equal share, as does epoch_time_s)
 =================  ==============================================================
 """
 

@@ -230,39 +230,49 @@ def run_gdu(backend: Backend, exp: Experiment, trial: int, data: DataCache) -> l
     return rows
 
 
-def run_train(backend: Backend, exp: Experiment, trial: int, data: DataCache, progress: Progress) -> list[dict]:
+def run_train(backend: Backend, exp: Experiment, data: DataCache, progress: Progress) -> list[list[dict]]:
+    """Every trial of a training experiment, epoch by epoch, all trials together through
+    ``backend.train_epochs`` (a backend may batch them): for each algorithm, each trial starts
+    from its own seed's parameters (the same for EP and BPTT) and shuffles with its own seed.
+    Returns the rows of each trial."""
     from epbench.datasets import epoch_order
 
     spec, train = exp.model, exp.train
-    seed = exp.seed + trial
+    seeds = [exp.seed + trial for trial in range(exp.trials)]
     split = data.get(exp.dataset)
     x_train, y_train = split.x_train[: exp.n_train], split.y_train[: exp.n_train]
     x_test, y_test = split.x_test[: exp.n_test], split.y_test[: exp.n_test]
     shape = (-1, *spec.input_shape)
     x_train, x_test = x_train.reshape(shape), x_test.reshape(shape)
-    initial = backend.init_params(spec, seed)
-    rows: list[dict] = []
+    initial = [backend.init_params(spec, seed) for seed in seeds]
+    rows: list[list[dict]] = [[] for _ in seeds]
     for algorithm in exp.algorithms:
-        params = backend.from_numpy(spec, initial, exp.dtype)
+        params = [backend.from_numpy(spec, p, exp.dtype) for p in initial]
+        live = list(range(len(seeds)))  # trials that have not diverged
         for epoch in range(1, train.epochs + 1):
-            order = epoch_order(x_train.shape[0], seed * 1_000_003 + epoch)
+            orders = [epoch_order(x_train.shape[0], seeds[t] * 1_000_003 + epoch) for t in live]
             start = time.perf_counter()
-            result = backend.train_epoch(spec, params, x_train[order], y_train[order], exp.phase, train, algorithm)
-            params = result.params
-            test_error = float("nan") if result.diverged else backend.evaluate(spec, params, x_test, y_test, exp.phase.T)
+            results = backend.train_epochs(spec, [params[t] for t in live], [x_train[o] for o in orders],
+                                           [y_train[o] for o in orders], exp.phase, train, algorithm)
+            for t, result in zip(live, results):
+                params[t] = result.params
+            tests = [float("nan") if r.diverged else backend.evaluate(spec, r.params, x_test, y_test, exp.phase.T)
+                     for r in results]
             backend.synchronize()
-            elapsed = time.perf_counter() - start
-            base = {"algorithm": algorithm, "epoch": epoch, "compile_s": result.timings.get("compile_s", 0.0),
-                    "run_s": result.timings.get("run_s", elapsed)}
-            rows += [
-                {**base, "metric": "train_error", "value": result.train_error},
-                {**base, "metric": "test_error", "value": test_error},
-                {**base, "metric": "diverged", "value": float(result.diverged)},
-                {**base, "metric": "epoch_time_s", "value": elapsed},
-            ]
-            progress(f"{exp.name} trial {trial + 1} {algorithm} epoch {epoch}: train {result.train_error:.2f}% "
-                     f"test {test_error:.2f}%", 1, 0)
-            if result.diverged:
+            elapsed = (time.perf_counter() - start) / len(live)  # each trial's share
+            for t, result, test_error in zip(live, results, tests):
+                base = {"algorithm": algorithm, "epoch": epoch, "compile_s": result.timings.get("compile_s", 0.0),
+                        "run_s": result.timings.get("run_s", elapsed)}
+                rows[t] += [
+                    {**base, "metric": "train_error", "value": result.train_error},
+                    {**base, "metric": "test_error", "value": test_error},
+                    {**base, "metric": "diverged", "value": float(result.diverged)},
+                    {**base, "metric": "epoch_time_s", "value": elapsed},
+                ]
+                progress(f"{exp.name} trial {t + 1} {algorithm} epoch {epoch}: train {result.train_error:.2f}% "
+                         f"test {test_error:.2f}%", 1, 0)
+            live = [t for t, r in zip(live, results) if not r.diverged]
+            if not live:
                 break
     return rows
 
@@ -335,13 +345,22 @@ def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
     done = 0
     try:
         for exp in runnable:
+            if exp.task == "train":  # all trials together (a backend may batch them)
+                progress(f"{exp.name} (train) trials 1-{exp.trials}", done, total)
+                start = time.perf_counter()
+                per_trial = run_train(backend, exp, data, progress)
+                wall = (time.perf_counter() - start) / exp.trials
+                for trial, new in enumerate(per_trial):
+                    columns = experiment_columns(exp, trial)
+                    rows += [{**provenance, **columns, **row, "wall_time_s": wall} for row in new]
+                write_table(run_dir, to_frame(rows))
+                done += exp.trials
+                progress(f"{exp.name} {exp.trials} trial(s) done in {wall * exp.trials:.1f} s", done, total)
+                continue
             for trial in range(exp.trials):
                 progress(f"{exp.name} ({exp.task}) trial {trial + 1}/{exp.trials}", done, total)
                 start = time.perf_counter()
-                if exp.task == "gdu":
-                    new = run_gdu(backend, exp, trial, data)
-                else:
-                    new = run_train(backend, exp, trial, data, progress)
+                new = run_gdu(backend, exp, trial, data)
                 wall = time.perf_counter() - start
                 columns = experiment_columns(exp, trial)
                 for row in new:

@@ -60,6 +60,8 @@ class JaxBackend(Backend):
         self.name = f"jax-{platform}"
         self._cache: dict = {}
         self._dev = None
+        #: run the trials of a training experiment as one vmapped program (train_epochs)
+        self.batch_trials = os.environ.get("EPBENCH_BATCH_TRIALS", "") == "1"
         #: timings of the latest call ({"compile_s", "run_s"})
         self.last_timings: dict[str, float] = {}
 
@@ -222,52 +224,84 @@ class JaxBackend(Backend):
 
     def train_epoch(self, spec: ModelSpec, params, x: np.ndarray, labels: np.ndarray,
                     phase: PhaseSettings, train: TrainSettings, algorithm: Algorithm) -> EpochResult:
-        from epbench_jax import algorithms as A
+        return self._train(spec, [params], [x], [labels], phase, train, algorithm, batched=False)[0]
 
-        check_alternation(spec, phase)
+    def train_epochs(self, spec: ModelSpec, params, xs, labels, phase: PhaseSettings, train: TrainSettings,
+                     algorithm: Algorithm) -> list[EpochResult]:
+        """With ``batch_trials`` (``EPBENCH_BATCH_TRIALS=1``), the trials run as one program
+        vmapped over them; otherwise one after the other. On XLA's CPU backend the batched
+        products are slower than the plain ones, hence off by default."""
+        if not self.batch_trials or len(params) < 2:
+            return super().train_epochs(spec, params, xs, labels, phase, train, algorithm)
+        return self._train(spec, list(params), list(xs), list(labels), phase, train, algorithm, batched=True)
 
-        if algorithm not in ("ep", "bptt"):
-            raise ValueError(f"unknown algorithm {algorithm!r}")
-        dtype = phase.dtype
-        layer_lr = train.lr_of_layer(spec)
+    def _chunks(self, spec: ModelSpec, x, labels, bs: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Full batches in chunks of CHUNK, the remainder in one chunk of its own size (one more
+        compiled program, reused every epoch: cheaper than scanning over padding); a last short
+        batch has its own."""
         x = np.asarray(x)
         x = x.reshape((x.shape[0],) + tuple(spec.input_shape))
         labels = np.asarray(labels).astype(np.int32)
-        n, bs = x.shape[0], train.batch_size
+        n = x.shape[0]
         n_full = n // bs
-        # full batches go in chunks of CHUNK, the remainder in one chunk of its own size (one
-        # more compiled program, reused every epoch: cheaper than scanning over padding); a last
-        # short batch has its own
         chunks = []
         for start in range(0, n_full, self.CHUNK):
             m = min(self.CHUNK, n_full - start)
-            xs = x[start * bs:(start + m) * bs].reshape((m, bs) + x.shape[1:])
-            labs = labels[start * bs:(start + m) * bs].reshape(m, bs)
-            chunks.append((xs, labs))
+            chunks.append((x[start * bs:(start + m) * bs].reshape((m, bs) + x.shape[1:]),
+                           labels[start * bs:(start + m) * bs].reshape(m, bs)))
         if n % bs:
             chunks.append((x[n_full * bs:][None], labels[n_full * bs:][None]))
-        key = ("train", spec, phase.T, phase.K, phase.symmetric, phase.alternate, algorithm)
+        return chunks
+
+    def _train(self, spec: ModelSpec, params: list, xs: list, labels: list, phase: PhaseSettings,
+               train: TrainSettings, algorithm: Algorithm, batched: bool) -> list[EpochResult]:
+        """One epoch of each trial; ``batched``: all trials in one program (``jax.vmap`` over the
+        trial axis of parameters and data), else the single trial given."""
+        from epbench_jax import algorithms as A
+
+        jax = _jax()
+        import jax.numpy as jnp
+
+        check_alternation(spec, phase)
+        if algorithm not in ("ep", "bptt"):
+            raise ValueError(f"unknown algorithm {algorithm!r}")
+        if len({len(x) for x in xs}) != 1:
+            raise ValueError("trials trained together need the same number of samples")
+        dtype = phase.dtype
+        layer_lr = train.lr_of_layer(spec)
+        per_trial = [self._chunks(spec, x, lab, train.batch_size) for x, lab in zip(xs, labels)]
+        n_trials = len(params)
+        key = ("train", spec, phase.T, phase.K, phase.symmetric, phase.alternate, algorithm, batched)
+
+        def build():
+            run = A.train_program(spec, phase.T, phase.K, algorithm, phase.symmetric, phase.alternate)
+            return jax.vmap(run, in_axes=(0, 0, 0, 0, None, None)) if batched else run
+
         timings = {"compile_s": 0.0, "run_s": 0.0}
-        wrong = seen = 0
-        diverged = False
+        wrong, seen = np.zeros(n_trials, np.int64), np.zeros(n_trials, np.int64)
+        diverged = np.zeros(n_trials, bool)
         with self._x64(dtype):
-            p = self._native(spec, params, dtype)
-            lrs = {k: self._scalar(layer_lr[spec.param_layer(k)], dtype) for k in p}
+            natives = [self._native(spec, p, dtype) for p in params]
+            p = jax.tree.map(lambda *a: jnp.stack(a), *natives) if batched else natives[0]
+            lrs = {k: self._scalar(layer_lr[spec.param_layer(k)], dtype) for k in natives[0]}
             beta = self._scalar(phase.beta, dtype)
-            for xs, labs in chunks:
-                ys = np.eye(spec.n_out)[labs]
-                (p, w, s, div), t = self._call(
-                    key, lambda: A.train_program(spec, phase.T, phase.K, algorithm, phase.symmetric, phase.alternate),
-                    p, self._put(xs, dtype), self._put(ys, dtype), self._put(labs), lrs, beta)
+            for c in range(len(per_trial[0])):
+                xc = np.stack([t[c][0] for t in per_trial]) if batched else per_trial[0][c][0]
+                lc = np.stack([t[c][1] for t in per_trial]) if batched else per_trial[0][c][1]
+                (p, w, s, div), t = self._call(key, build, p, self._put(xc, dtype),
+                                               self._put(np.eye(spec.n_out)[lc], dtype), self._put(lc), lrs, beta)
                 for k in timings:
                     timings[k] += t[k]
-                wrong, seen = wrong + int(w), seen + int(s)
-                if bool(div):
-                    diverged = True
+                wrong += np.atleast_1d(np.asarray(w))
+                seen += np.atleast_1d(np.asarray(s))
+                diverged |= np.atleast_1d(np.asarray(div))
+                if diverged.all():
                     break
         self.last_timings = timings
-        error = 100.0 * wrong / max(seen, 1)
-        return EpochResult(params=p, train_error=error, diverged=diverged, timings=timings)
+        share = {k: v / n_trials for k, v in timings.items()}
+        out = [jax.tree.map(lambda a, i=i: a[i], p) for i in range(n_trials)] if batched else [p]
+        return [EpochResult(params=out[i], train_error=100.0 * wrong[i] / max(seen[i], 1),
+                            diverged=bool(diverged[i]), timings=dict(share)) for i in range(n_trials)]
 
     def evaluate(self, spec: ModelSpec, params, x: np.ndarray, labels: np.ndarray,
                  T: int, batch_size: int = 1000) -> float:

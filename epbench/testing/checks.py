@@ -873,6 +873,17 @@ def check_train(ctx: Context, unit: Unit, out: Recorder) -> None:
         want_err = 100.0 * wrong / len(labels)
         out.expect(abs(float(res.train_error) - want_err) < 1e-9, "train_error",
                    f"train_epoch ({algorithm}) train_error {res.train_error!r} vs {want_err} from first_phase")
+        out.doing = f"{b.name}.train_epochs"
+        pair = b.train_epochs(spec, [b.from_numpy(spec, p0, dtype) for _ in range(2)], [x, x], [labels, labels],
+                              phase, train, algorithm)
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(r, EpochResult) for r in pair)):
+            out.fail("train_epochs", f"train_epochs of 2 trials returned {pair!r:.80}, expected 2 EpochResults")
+            continue
+        for r in pair:
+            both = _param_dict(out, spec, b.to_numpy(spec, r.params), f"train_epochs ({algorithm}) params")
+            for name in spec.param_shapes if both is not None else ():
+                out.close(name, both[name] - p0[name], got[name] - p0[name], SELF_TOL[dtype],
+                          f"train_epochs ({algorithm}) of two identical trials vs train_epoch")
     native = b.from_numpy(spec, p0, dtype)
     out.doing = f"{b.name}.evaluate"
     err = b.evaluate(spec, native, x, labels, phase.T, batch_size=bs)
