@@ -346,7 +346,8 @@ def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
     try:
         for exp in runnable:
             if exp.task == "train":  # all trials together (a backend may batch them)
-                progress(f"{exp.name} (train) trials 1-{exp.trials}", done, total)
+                which = f"trials 1-{exp.trials}" if exp.trials > 1 else "trial 1/1"
+                progress(f"{exp.name} (train) {which}", done, total)
                 start = time.perf_counter()
                 per_trial = run_train(backend, exp, data, progress)
                 wall = (time.perf_counter() - start) / exp.trials
