@@ -4,12 +4,9 @@ First-phase states, ``ep_update``, ``bptt_grad`` and every GDU process must agre
 (norm-relative, ‖a − b‖ / ‖b‖) in float64 and to 1e-4 in float32.
 
 float32 runs use β = 1: EP processes are differences of nearby quantities divided by ep_scale,
-so their float32 rounding is amplified by 1/β. Even then, the per-step EP parameter processes
-ep_theta(t) = (∂Φ/∂θ(s^β_t) − ∂Φ/∂θ(s^β_{t−1})) / ep_scale and the EP update (their sum) of the
-input-side weights can carry more than 1e-4 of rounding in *any* float32 implementation (e.g.
-pconv's W2x, where ∂Φ/∂W2x sums over thousands of saturated units): for these two, jax-cpu must
-agree with torch-cpu to 1e-4, or be at most twice as far as torch-cpu float32 from the float64
-result (torch-cpu in float64, itself checked against jax-cpu to 1e-10).
+so their float32 rounding is amplified by 1/β. Both backends form the EP parameter differences
+∂Φ/∂θ(s) − ∂Φ/∂θ(s') from the state increments (no cancellation of two large products), which is
+what keeps them within 1e-4 of each other in float32.
 """
 
 from __future__ import annotations
@@ -32,8 +29,6 @@ CASES = {
     "pconv": (dict(kind="pconv", activation="hard_sigmoid"), 12, 4, 0.4, 2, False),
 }
 BETA_F32 = 1.0
-#: float32 EP θ processes: allowed ratio of jax-cpu's to torch-cpu's float32 error
-ROUNDING_FACTOR = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +64,9 @@ def setting(case: str, flavor: str, dtype: str):
     return spec, phase, x, y
 
 
-def compare(jax_out, torch_out, tol, label, torch_f64=None):
-    """Norm-relative agreement; with ``torch_f64`` (float32 only), also accepted when jax-cpu is
-    at most ROUNDING_FACTOR times as far as torch-cpu from the float64 result."""
-    bad = {}
-    for k, b in torch_out.items():
-        r = rel(jax_out[k], b)
-        if r <= tol:
-            continue
-        if torch_f64 is not None and rel(jax_out[k], torch_f64[k]) <= ROUNDING_FACTOR * rel(b, torch_f64[k]):
-            continue
-        bad[k] = r
+def compare(jax_out, torch_out, tol, label):
+    """Norm-relative agreement of every array."""
+    bad = {k: rel(jax_out[k], b) for k, b in torch_out.items() if rel(jax_out[k], b) > tol}
     assert not bad, f"{label}: jax-cpu and torch-cpu differ: {bad}"
 
 
@@ -107,17 +94,10 @@ def test_backends_agree(pair, case, flavor, dtype):
     assert gj.s_free[0].dtype == np.dtype(dtype)
     fj, ft = flat(gj), flat(gt)
     assert set(fj) == set(ft)
-    ep_theta = {k for k in ft if k.startswith("ep_theta")}
-    ref_gdu = ref_ep = None
-    if dtype == "float32":  # torch-cpu in float64: the measure of its own float32 rounding
-        p64, phase64 = T.from_numpy(spec, p_np, "float64"), phase.model_copy(update={"dtype": "float64"})
-        ref_gdu = flat(T.gdu(spec, p64, x, y, phase64))
-        ref_ep = T.ep_update(spec, p64, x, y, phase64)
-    compare({k: fj[k] for k in ep_theta}, {k: ft[k] for k in ep_theta}, tol, "gdu", ref_gdu)
-    compare({k: fj[k] for k in ft if k not in ep_theta}, {k: ft[k] for k in ft if k not in ep_theta}, tol, "gdu")
+    compare(fj, ft, tol, "gdu")
     assert gj.convergence == pytest.approx(gt.convergence, rel=1e-6 if dtype == "float64" else 1e-2, abs=1e-7)
 
-    compare(J.ep_update(spec, pj, x, y, phase), T.ep_update(spec, pt, x, y, phase), tol, "ep_update", ref_ep)
+    compare(J.ep_update(spec, pj, x, y, phase), T.ep_update(spec, pt, x, y, phase), tol, "ep_update")
     compare(J.bptt_grad(spec, pj, x, y, phase), T.bptt_grad(spec, pt, x, y, phase), tol, "bptt_grad")
 
 

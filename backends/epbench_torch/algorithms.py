@@ -68,14 +68,11 @@ def ep_update(model, params: dict, ctx: dict, s_star: list, s_plus: list, scale:
 
         Δθ = (∂Φ/∂θ(s^{+β}_K) − ∂Φ/∂θ(s^{−β}_K)) / (2 ep_scale(β)).
 
-    ∂Φ/∂θ is batch-averaged.
+    ∂Φ/∂θ is batch-averaged; the difference is formed from the state increments
+    (``model.dphi_increment``).
     """
-    hi = model.dphi_dtheta(params, ctx, s_plus)
-    if s_minus is None:
-        lo, div = model.dphi_dtheta(params, ctx, s_star), scale
-    else:
-        lo, div = model.dphi_dtheta(params, ctx, s_minus), 2.0 * scale
-    return {k: (hi[k] - lo[k]).div_(div) for k in hi}
+    lo, div = (s_star, scale) if s_minus is None else (s_minus, 2.0 * scale)
+    return {k: v.div_(div) for k, v in model.dphi_increment(params, ctx, s_plus, lo).items()}
 
 
 def bptt_sweep(model, params: dict, drives: list, ctx: dict, hist: list[list[Tensor]], y: Tensor,
@@ -177,7 +174,6 @@ def ep_processes(model, spec: ModelSpec, params: dict, drives: list, ctx: dict, 
     for v in ep_theta.values():
         v[0].zero_()  # ΔEP_θ(0) = 0; every other row is written below
     s = s_star
-    prev = model.dphi_dtheta(params, ctx, s)
     for t in range(K + 1):
         new = model.step(params, drives, s, beta, y)
         for i, (a, b) in enumerate(zip(new, s)):
@@ -186,10 +182,7 @@ def ep_processes(model, spec: ModelSpec, params: dict, drives: list, ctx: dict, 
                 diff = diff.masked_fill_((a == 0) | (a == 1), 0.0)
             ep_s[i][t] = diff.sum(0).div_(B * scale)
         if t < K:
-            cur = model.dphi_dtheta(params, ctx, new)
-            for k in ep_theta:
-                torch.sub(cur[k], prev[k], out=ep_theta[k][t + 1])
-                ep_theta[k][t + 1].div_(scale)
-            prev = cur
+            for k, v in model.dphi_increment(params, ctx, new, s).items():
+                torch.div(v, scale, out=ep_theta[k][t + 1])
         s = new
     return ep_s, ep_theta

@@ -180,6 +180,26 @@ class DenseModel:
                 g[f"b{i}"] = r[i].sum(0).mul_(c)
         return g
 
+    def dphi_increment(self, params: dict, ctx: dict, s: list, q: list) -> dict:
+        """∂Φ/∂θ(s) − ∂Φ/∂θ(q) (as :meth:`dphi_dtheta`), formed from the increments so that it is
+        exactly 0 where nothing moved and free of the cancellation of two nearly equal products:
+        ``ρ(s_i)ᵀρ(s_j) − ρ(q_i)ᵀρ(q_j) = [Δ_i; ρ(q_i)]ᵀ[ρ(s_j); Δ_j]`` (one product), ``Δ_iᵀu``."""
+        B = s[0].shape[0]
+        if self.energy:
+            r, rq, c = [self.act.rho(v) for v in s], [self.act.rho(v) for v in q], self.h / B
+        else:
+            r, rq, c = s, q, 1.0 / B
+        d = [a - b for a, b in zip(r, rq)]
+        g = {}
+        for i, w in enumerate(self.lateral):
+            g[w] = torch.mm(torch.cat([d[i], rq[i]]).t(), torch.cat([r[i + 1], d[i + 1]])).mul_(c)
+        for i, w in self.inputs.items():
+            g[w] = torch.mm(d[i].t(), ctx["u"]).mul_(c)
+        if self.biases:
+            for i in range(self.n):
+                g[f"b{i}"] = d[i].sum(0).mul_(c)
+        return g
+
     def drive_vjp(self, params: dict, ctx: dict, g: list) -> dict:
         """From ``g[i] = ∂L/∂drive_i`` stacked over time ``(n_t, B, n_i)``: ``∂L/∂W_{i,x} = gᵀu`` and
         ``∂L/∂b_i = Σ_batch g`` for each time slice, shapes ``(n_t, *param_shape)``."""
@@ -280,6 +300,33 @@ class ConvModel:
             g["b0"] = s0.sum(0).div_(B)
             g["b1"] = s1.sum((0, 2, 3)).div_(B)
             g["b2"] = s2.sum((0, 2, 3)).div_(B)
+        return g
+
+    def dphi_increment(self, params: dict, ctx: dict, s: list, q: list) -> dict:
+        """∂Φ/∂θ(s) − ∂Φ/∂θ(q) (as :meth:`dphi_dtheta`, argmax positions of each state), from the
+        increments: ``s2⋆g1(s) − q2⋆g1(q) = (s2 − q2)⋆g1(s) + q2⋆(g1(s) − g1(q))`` with
+        g1 = Unpool(s1, idx1), and ``Unpool(s2 − q2, idx2)⋆u`` (idx2 is fixed by x)."""
+        B = s[0].shape[0]
+        W12 = params["W12"]
+
+        def unpooled_s1(z):
+            c1 = F.conv2d(z[2], W12, self._b(params, 1))
+            _, idx1 = F.max_pool2d(c1, self.pool, return_indices=True)
+            return F.max_unpool2d(z[1], idx1, self.pool, output_size=c1.shape[-2:])
+
+        g1, g1q = unpooled_s1(s), unpooled_s1(q)
+        d = [a - b for a, b in zip(s, q)]
+        conv_w = torch.nn.grad.conv2d_weight
+        g = {
+            "W01": torch.mm(torch.cat([d[0], q[0]]).t(), torch.cat([s[1].flatten(1), d[1].flatten(1)])).div_(B),
+            "W12": (conv_w(d[2], W12.shape, g1) + conv_w(q[2], W12.shape, g1 - g1q)).div_(B),
+            "W2x": conv_w(ctx["u"], params["W2x"].shape,
+                          F.max_unpool2d(d[2], ctx["idx2"], self.pool, output_size=ctx["c2_size"])).div_(B),
+        }
+        if self.biases:
+            g["b0"] = d[0].sum(0).div_(B)
+            g["b1"] = d[1].sum((0, 2, 3)).div_(B)
+            g["b2"] = d[2].sum((0, 2, 3)).div_(B)
         return g
 
     def drive_vjp(self, params: dict, ctx: dict, g: list) -> dict:
