@@ -11,7 +11,11 @@ Every model object exposes the same small interface, used by :mod:`epbench_torch
   when ``spec.clamp``. Pure tensor code, no autograd inside; it is differentiable, so one
   ``torch.autograd.grad`` through it is the vector-Jacobian product of one step.
 * ``phi(params, x, s)``: Φ summed over the batch (per-sample ∂Φ/∂s is then F, Theorem 1).
-* ``dphi_dtheta(params, ctx, s)``: ∂Φ/∂θ for every parameter, *batch-averaged*.
+* ``dphi_dtheta(params, ctx, s)``: ∂Φ/∂θ for every parameter, *batch-averaged*;
+  ``dphi_increment(params, ctx, s, q)``: ∂Φ/∂θ(s) − ∂Φ/∂θ(q) from the state increments (the EP
+  update and processes use it: no cancellation of two nearly equal products).
+* DenseModel's ``step`` also takes ``layers`` (update only those); :class:`Alternated` wraps a P
+  model into the double step of ``PhaseSettings.alternate``.
 * ``step_params`` / ``drive_params``: which parameters enter the step directly and which only
   through the drive; ``drive_vjp(params, ctx, g)`` maps gradients w.r.t. the drives (stacked over
   time, ``g[i]`` of shape ``(n_t, B, ...)``) to gradients w.r.t. the drive parameters.
