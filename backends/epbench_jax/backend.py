@@ -181,28 +181,28 @@ class JaxBackend(Backend):
                   phase: PhaseSettings) -> dict[str, np.ndarray]:
         from epbench_jax import algorithms as A
 
-        check_alternation(spec, phase)
-
-        dtype = phase.dtype
-        with self._x64(dtype):
-            p = self._native(spec, params, dtype)
-            out, _ = self._call(("ep_update", spec, phase.T, phase.K, phase.symmetric, phase.alternate),
-                                lambda: A.ep_update_program(spec, phase.T, phase.K, phase.symmetric, phase.alternate),
-                                p, self._batch(spec, x, dtype), self._put(y, dtype), self._scalar(phase.beta, dtype))
-            return self._host(out)
+        return self._direction(("ep_update", spec, phase.T, phase.K, phase.symmetric, phase.alternate),
+                               lambda: A.ep_update_program(spec, phase.T, phase.K, phase.symmetric, phase.alternate),
+                               spec, params, x, y, phase, with_beta=True)
 
     def bptt_grad(self, spec: ModelSpec, params, x: np.ndarray, y: np.ndarray,
                   phase: PhaseSettings) -> dict[str, np.ndarray]:
         from epbench_jax import algorithms as A
 
-        check_alternation(spec, phase)
+        return self._direction(("bptt_grad", spec, phase.T, phase.K, phase.alternate),
+                               lambda: A.bptt_grad_program(spec, phase.T, phase.K, phase.alternate),
+                               spec, params, x, y, phase, with_beta=False)
 
+    def _direction(self, key: tuple, build, spec: ModelSpec, params, x, y, phase: PhaseSettings,
+                   with_beta: bool) -> dict[str, np.ndarray]:
+        """Run the update program ``key`` (EP update or BPTT gradient) on one batch, as NumPy."""
+        check_alternation(spec, phase)
         dtype = phase.dtype
         with self._x64(dtype):
-            p = self._native(spec, params, dtype)
-            out, _ = self._call(("bptt_grad", spec, phase.T, phase.K, phase.alternate),
-                                lambda: A.bptt_grad_program(spec, phase.T, phase.K, phase.alternate),
-                                p, self._batch(spec, x, dtype), self._put(y, dtype))
+            args = [self._native(spec, params, dtype), self._batch(spec, x, dtype), self._put(y, dtype)]
+            if with_beta:
+                args.append(self._scalar(phase.beta, dtype))
+            out, _ = self._call(key, build, *args)
             return self._host(out)
 
     def gdu(self, spec: ModelSpec, params, x: np.ndarray, y: np.ndarray, phase: PhaseSettings) -> GDUProcesses:

@@ -661,15 +661,21 @@ def check_prop4_theta(ctx: Context, unit: Unit, out: Recorder) -> None:
                   f"Σ_(t=1..{span}) bptt_theta(t) (gdu with K={span}) vs bptt_grad (K={phase.K})")
 
 
+def _smooth_dynamics(ctx: Context, unit: Unit, out: Recorder) -> "_Dynamics":
+    """The float64 dynamics for a finite-difference check (skips without float64, or where
+    pooling ties make the step non-differentiable)."""
+    _need_float64(ctx, unit)
+    if not unit.case.smooth:
+        raise SkipCheck("hard-sigmoid pconv: pooling ties make finite differences unreliable")
+    return _Dynamics(ctx, out, unit.case)
+
+
 def check_prop4_s(ctx: Context, unit: Unit, out: Recorder) -> None:
     """bptt_s[i][t] = Σ_batch ∂L/∂s^i_{T−t}, against central differences of
     L(step^t(s_{T−t} ± ε e_j)) with e_j the unit j of layer i in every sample of the batch."""
     b, case, dtype = ctx.backend, unit.case, unit.dtype
     spec = case.spec
-    _need_float64(ctx, unit)
-    if not case.smooth:
-        raise SkipCheck("hard-sigmoid pconv: pooling ties make finite differences unreliable")
-    dyn = _Dynamics(ctx, out, case)
+    dyn = _smooth_dynamics(ctx, unit, out)
     phase = case.phase(dtype)
     K, T, B = phase.K, phase.T, dyn.B
     traj = dyn.trajectory(T)
@@ -710,10 +716,7 @@ def check_bptt_fd(ctx: Context, unit: Unit, out: Recorder) -> None:
     """bptt_grad·v = d/dε L(θ + εv) with s_{T−span} held fixed (truncated BPTT), central differences."""
     b, case, dtype = ctx.backend, unit.case, unit.dtype
     spec = case.spec
-    _need_float64(ctx, unit)
-    if not case.smooth:
-        raise SkipCheck("hard-sigmoid pconv: pooling ties make finite differences unreliable")
-    dyn = _Dynamics(ctx, out, case)
+    dyn = _smooth_dynamics(ctx, unit, out)
     phase = case.phase(dtype)
     span = min(spec.bptt_span(phase.K), phase.T)
     start = dyn.trajectory(phase.T)[phase.T - span]
