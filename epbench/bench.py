@@ -15,6 +15,9 @@ from epbench.spec import alternation_problem
 #: the models benchmarked by default (Table 4 settings, batch 20)
 BENCH_MODELS = ("p-1h", "eb-1h", "eb-2h", "p-3h", "p-conv")
 
+#: batch sizes of ``epbench bench --per-step``
+STEP_BATCHES = (1, 5, 10, 20, 40)
+
 
 def numpy_matmul_gflops(n: int = 2048, dtype: str = "float32", repeats: int = 10) -> float:
     """n×n matmul throughput of NumPy's BLAS on this machine, best of ``repeats``."""
@@ -80,11 +83,46 @@ def time_per_batch(backend, model: str, algorithm: str, batches: int = 10, dtype
     return best / batches
 
 
+def time_per_step(backend, model: str, batch_size: int, steps: int = 400, repeats: int = 5,
+                  dtype: str = "float32") -> float:
+    """Seconds per step of the first phase at ``batch_size``: (time of 1 + ``steps`` steps − time
+    of 1 step) / ``steps``, which removes the input drive and the cost of the call. Each length
+    is run once to warm up, then timed best of ``repeats``."""
+    spec, _, _ = settings(model, dtype)
+    params = backend.from_numpy(spec, backend.init_params(spec, 0), dtype)
+    x, _ = _random_data(spec, batch_size)
+
+    def best_of(T: int) -> float:
+        backend.first_phase(spec, params, x, T)
+        backend.synchronize()
+        best = float("inf")
+        for _ in range(max(repeats, 1)):
+            start = time.perf_counter()
+            backend.first_phase(spec, params, x, T)
+            backend.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    return max(best_of(1 + steps) - best_of(1), 0.0) / steps
+
+
 def useful_flops(model: str, algorithm: str, batch_size: int = 20, alternate: bool = False) -> float:
     spec, phase, _ = settings(model, alternate=alternate)
     counter: Callable = {"ep": flopcount.ep_train_flops, "bptt": flopcount.bptt_train_flops,
                          "gdu": flopcount.gdu_flops}[algorithm]
     return counter(spec, phase, batch_size)
+
+
+def _rows(backend, model: str, phase, algorithm: str, batch: int, peak: float, gflops: float,
+          measured: dict[str, float]) -> list[dict]:
+    """Results rows of one measurement: ``measured`` metrics, then GFLOP/s, peak and fraction."""
+    spec = settings(model)[0]
+    base = {"experiment": model, "task": "bench", "model": spec.kind, "model_desc": spec.describe(),
+            "flavor": spec.flavor, "dtype": "float32", "T": phase.T, "K": phase.K, "beta": phase.beta,
+            "alternate": phase.alternate, "batch_size": batch, "algorithm": algorithm, "backend": backend.name,
+            "framework": backend.framework, "framework_version": backend.framework_version()}
+    values = {**measured, "gflops": gflops, "peak_gflops": peak, "peak_fraction": gflops / peak}
+    return [{**base, "metric": metric, "value": value} for metric, value in values.items()]
 
 
 def bench_rows(backend, models=BENCH_MODELS, algorithms=("ep", "bptt", "gdu"), batches: int = 10,
@@ -107,19 +145,32 @@ def bench_rows(backend, models=BENCH_MODELS, algorithms=("ep", "bptt", "gdu"), b
             seconds = time_per_batch(backend, model, algorithm, batches=batches, alternate=alternate)
             work = useful_flops(model, algorithm, alternate=alternate)
             gflops = work / seconds / 1e9
-            base = {"experiment": model, "task": "bench", "model": spec.kind, "model_desc": spec.describe(),
-                    "flavor": spec.flavor, "dtype": "float32", "T": phase.T, "K": phase.K, "beta": phase.beta,
-                    "alternate": phase.alternate,
-                    "batch_size": 20, "algorithm": algorithm, "backend": backend.name,
-                    "framework": backend.framework, "framework_version": backend.framework_version()}
-            rows += [
-                {**base, "metric": "seconds_per_batch", "value": seconds},
-                {**base, "metric": "seconds_per_sample", "value": seconds / 20},
-                {**base, "metric": "flops_per_batch", "value": work},
-                {**base, "metric": "gflops", "value": gflops},
-                {**base, "metric": "peak_gflops", "value": peak},
-                {**base, "metric": "peak_fraction", "value": gflops / peak},
-            ]
+            rows += _rows(backend, model, phase, algorithm, 20, peak, gflops,
+                          {"seconds_per_batch": seconds, "seconds_per_sample": seconds / 20, "flops_per_batch": work})
             progress(f"{backend.name:<10} {model:<7} {algorithm:<5} {seconds * 1e3:9.2f} ms/batch "
                      f"{work / 1e6:9.1f} MFLOP {gflops:8.1f} GFLOP/s {100 * gflops / peak:6.1f}% of {peak:.0f}")
+    return rows
+
+
+def step_rows(backend, models=BENCH_MODELS, batch_sizes=STEP_BATCHES,
+              progress: Callable[[str], None] = lambda _m: None) -> list[dict]:
+    """``epbench bench --per-step``: seconds and GFLOP/s of one first-phase step per model and
+    batch size. A cost that grows in proportion to the batch is compute in the kernels; one that
+    stays flat is the fixed cost of launching them."""
+    peak = device_peak(backend)
+    rows = []
+    for model in models:
+        spec, phase, _ = settings(model)
+        reason = backend.supports(spec, "float32")
+        if reason:
+            progress(f"{backend.name} {model}: skipped ({reason})")
+            continue
+        for batch in batch_sizes:
+            seconds = time_per_step(backend, model, batch)
+            work = flopcount.step_flops(spec, batch)
+            gflops = work / seconds / 1e9 if seconds > 0 else float("nan")
+            rows += _rows(backend, model, phase, "first-phase-step", batch, peak, gflops,
+                          {"seconds_per_step": seconds, "flops_per_step": work})
+            progress(f"{backend.name:<10} {model:<7} step batch {batch:<3d} {seconds * 1e6:9.2f} µs/step "
+                     f"{work / 1e6:7.3f} MFLOP {gflops:8.1f} GFLOP/s {100 * gflops / peak:6.1f}% of {peak:.0f}")
     return rows

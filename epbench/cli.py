@@ -270,17 +270,21 @@ def compare(run_a, run_b, tolerance, reference, out_file):
 @click.option("--batches", default=10, show_default=True, type=click.IntRange(min=1), help="Timed batches per measurement.")
 @click.option("--alternate", is_flag=True, help="Training steps under the even/odd alternation of the P models "
               "(phase.alternate); other models are skipped, GDU is not timed.")
+@click.option("--per-step", is_flag=True, help="Instead: time one first-phase step at batch sizes "
+              "1, 5, 10, 20 and 40 (does the step cost grow with the batch, or is it fixed?).")
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
-def bench(names, models, algorithms, batches, alternate, out):
+def bench(names, models, algorithms, batches, alternate, per_step, out):
     """Time EP and BPTT training steps and GDU per batch of 20 (Table 4 settings): useful FLOPs,
     GFLOP/s and the fraction of the device's float32 matmul peak measured on the spot."""
     import time
 
     from epbench import __version__
-    from epbench.bench import BENCH_MODELS, bench_rows
+    from epbench.bench import BENCH_MODELS, bench_rows, step_rows
     from epbench.presets import TABLE4
     from epbench.results import git_provenance, new_run_dir, to_frame, write_meta, write_table
 
+    if per_step and (alternate or algorithms):
+        raise EpbenchError("--per-step times the first-phase step only: drop --alternate and --algorithm")
     reg = _registry()
     for model in models:
         if model not in TABLE4:
@@ -302,8 +306,12 @@ def bench(names, models, algorithms, batches, alternate, out):
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rows = []
     for backend, avail in backends_:
-        for row in bench_rows(backend, models or BENCH_MODELS, algorithms or ("ep", "bptt", "gdu"), batches, click.echo,
-                              alternate=alternate):
+        if per_step:
+            made = step_rows(backend, models or BENCH_MODELS, progress=click.echo)
+        else:
+            made = bench_rows(backend, models or BENCH_MODELS, algorithms or ("ep", "bptt", "gdu"), batches,
+                              click.echo, alternate=alternate)
+        for row in made:
             rows.append({**row, "device": avail.device, "epbench_version": __version__, "git_commit": commit,
                          "git_dirty": dirty, "suite": "bench", "start_time": started, "trial": 0, "seed": 0})
     run_dir = new_run_dir(out, "bench", "+".join(b.name for b, _ in backends_) or "none")

@@ -33,6 +33,11 @@ def _connections(spec: ModelSpec) -> tuple[float, float, float, float]:
     return drive, step, dphi, drive
 
 
+def step_flops(spec: ModelSpec, batch: int) -> float:
+    """One synchronous step of the dynamics (both products of every connection), per batch."""
+    return batch * _connections(spec)[1]
+
+
 def ep_train_flops(spec: ModelSpec, phase: PhaseSettings, batch: int) -> float:
     """One EP training step: drive, T free + K nudged steps (2K with symmetric nudging; half the
     products each with ``phase.alternate``), and

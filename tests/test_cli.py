@@ -175,3 +175,44 @@ def test_suites_lists_bundled():
 def test_report_on_missing_dir(tmp_path):
     out = epbench("report", str(tmp_path / "nothing"))
     assert out.returncode == 2 and "no such run directory" in out.stderr
+
+
+def test_bench_writes_timings_and_flops(tmp_path):
+    """`epbench bench` on the third-party numpy backend: one row of each metric, FLOPs from
+    epbench.flops, a fraction of peak that is GFLOP/s over the measured peak."""
+    from epbench import flops
+    from epbench.bench import settings
+    from epbench.results import read_table
+
+    out = epbench("bench", "-b", "numpy", "-m", "p-1h", "-a", "ep", "--batches", "1", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = tmp_path.iterdir()
+    df = read_table(run_dir)
+    value = {m: df.loc[df.metric == m, "value"].item() for m in df.metric.unique()}
+    spec, phase, _ = settings("p-1h")
+    assert value["flops_per_batch"] == flops.ep_train_flops(spec, phase, 20)
+    assert value["seconds_per_batch"] > 0 and value["seconds_per_sample"] == pytest.approx(value["seconds_per_batch"] / 20)
+    assert value["peak_fraction"] == pytest.approx(value["gflops"] / value["peak_gflops"])
+    assert "% of" in out.stdout
+
+
+def test_bench_per_step_times_every_batch_size(tmp_path):
+    from epbench.bench import STEP_BATCHES
+    from epbench.results import read_table
+
+    out = epbench("bench", "-b", "numpy", "-m", "p-1h", "--per-step", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = tmp_path.iterdir()
+    df = read_table(run_dir)
+    steps = df[df.metric == "seconds_per_step"]
+    assert sorted(steps.batch_size) == sorted(STEP_BATCHES)
+    assert (steps.value > 0).all()
+    work = df[df.metric == "flops_per_step"].set_index("batch_size").value
+    assert work[20] == 20 * work[1] == 20 * 2 * 2 * 512 * 10
+
+
+def test_bench_per_step_refuses_other_options(tmp_path):
+    out = epbench("bench", "--per-step", "--alternate", "--out", str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "--per-step" in out.stderr
+    assert not any(tmp_path.iterdir())
