@@ -269,3 +269,90 @@ def test_batched_trials_equal_one_after_the_other(jb, monkeypatch):
             pa, pb = jb.to_numpy(spec, a.params), jb.to_numpy(spec, b.params)
             for k in pa:
                 np.testing.assert_allclose(pb[k], pa[k], rtol=0, atol=1e-13, err_msg=f"{algorithm} {k}")
+
+
+# ----- the fused CPU phases of the one-hidden-layer models (epbench_jax.native) -----------------
+FUSED_CASES = {
+    "eb-sigmoid-clamp": dict(kind="eb", hidden=(48,), activation="sigmoid", dt=0.2, clamp=True),
+    "eb-hard": dict(kind="eb", hidden=(32,), n_out=17, activation="hard_sigmoid", dt=0.3),
+    "eb-official": dict(kind="eb", hidden=(48,), activation="sigmoid", dt=0.2, clamp=True, flavor="official-code"),
+    "p-sigmoid": dict(kind="p", hidden=(48,), activation="sigmoid"),
+    "p-hard-official": dict(kind="p", hidden=(48,), activation="hard_sigmoid", flavor="official-code"),
+}
+
+
+@pytest.fixture(scope="module")
+def fused():
+    from epbench_jax import native
+
+    if native._compiler() is None:
+        pytest.skip("no C++ compiler: jax-cpu uses its XLA loops")
+    assert native.available(), native.unavailable_reason()
+    return native
+
+
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+def test_fused_phases_equal_the_xla_loop(fused, case, monkeypatch):
+    """float32: first phase, EP update (plain and symmetric nudging) and BPTT gradient with the
+    fused kernel agree with the XLA loop of models.step to float32 rounding."""
+    spec = ModelSpec(**FUSED_CASES[case])
+    x, y = small_batch(spec, 7, seed=3)
+    results = {}
+    for on in (False, True):
+        jb = load_backend("jax-cpu").__class__("cpu")       # a fresh backend: nothing compiled yet
+        monkeypatch.setenv("EPBENCH_JAX_NATIVE", "1" if on else "0")
+        P = jb.from_numpy(spec, jb.init_params(spec, 1), "float32")
+        results[on] = (jb.first_phase(spec, P, x, 30),
+                       jb.ep_update(spec, P, x, y, PhaseSettings(T=30, K=8, beta=0.3, dtype="float32")),
+                       jb.ep_update(spec, P, x, y, PhaseSettings(T=30, K=8, beta=0.3, dtype="float32", symmetric=True)),
+                       jb.bptt_grad(spec, P, x, y, PhaseSettings(T=30, K=8, beta=0.3, dtype="float32")))
+    (s_a, ep_a, sym_a, bp_a), (s_b, ep_b, sym_b, bp_b) = results[False], results[True]
+    for a, b in zip(s_a, s_b):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+    for name, da, db, tol in (("ep", ep_a, ep_b, 2e-5), ("symmetric ep", sym_a, sym_b, 2e-5), ("bptt", bp_a, bp_b, 1e-6)):
+        for k in da:
+            rel = np.linalg.norm(db[k] - da[k]) / max(np.linalg.norm(da[k]), 1e-30)
+            assert rel < tol, f"{name} {k}: {rel:.1e}"
+
+
+def test_fused_phases_are_used_where_they_apply(fused):
+    """The compiled jax-cpu programs call the kernel for a one-hidden-layer model in float32,
+    and keep the XLA loop in float64, for two hidden layers, under the alternation, for tanh and
+    for a hidden layer that is not a multiple of 16 units."""
+    from epbench_jax import algorithms as A
+
+    def calls_kernel(spec, dtype, alternate=False):
+        with jax.enable_x64(dtype == "float64"), A.fused_phases(True):
+            x = jnp.zeros((4, *spec.input_shape), dtype)
+            P = {k: jnp.asarray(v, dtype) for k, v in load_backend("jax-cpu").init_params(spec, 0).items()}
+            text = jax.jit(A.ep_update_program(spec, 10, 4, False, alternate)).lower(
+                P, x, jnp.zeros((4, spec.n_out), dtype), jnp.asarray(0.5, dtype)).as_text()
+        return fused.TARGET in text
+
+    one = ModelSpec(kind="p", hidden=(16,), activation="sigmoid")
+    assert calls_kernel(one, "float32")
+    assert not calls_kernel(one, "float64")
+    assert not calls_kernel(one, "float32", alternate=True)
+    assert not calls_kernel(ModelSpec(kind="p", hidden=(16, 12), activation="sigmoid"), "float32")
+    assert not calls_kernel(ModelSpec(kind="p", hidden=(16,), activation="tanh"), "float32")
+    assert not calls_kernel(ModelSpec(kind="p", hidden=(20,), activation="sigmoid"), "float32")
+
+
+def test_fused_phases_under_batched_trials(fused, monkeypatch):
+    """The kernel call under jax.vmap (EPBENCH_BATCH_TRIALS=1) trains each trial as alone."""
+    jb = load_backend("jax-cpu").__class__("cpu")
+    spec = ModelSpec(kind="eb", n_in=30, hidden=(32,), n_out=6, activation="sigmoid", dt=0.2, clamp=True)
+    rng = np.random.default_rng(0)
+    xs = [rng.uniform(0, 1, (40, 30)) for _ in range(2)]
+    labels = [rng.integers(0, 6, 40) for _ in range(2)]
+    phase = PhaseSettings(T=20, K=6, beta=0.5, dtype="float32")
+    train = TrainSettings(lrs=(0.2, 0.1), batch_size=5)
+    params = [jb.from_numpy(spec, jb.init_params(spec, seed), "float32") for seed in range(2)]
+    monkeypatch.setattr(jb, "batch_trials", True)
+    together = jb.train_epochs(spec, params, xs, labels, phase, train, "ep")
+    alone = [jb.train_epoch(spec, p, x, lab, phase, train, "ep") for p, x, lab in zip(params, xs, labels)]
+    for a, b in zip(alone, together):
+        assert a.train_error == b.train_error
+        pa, pb = jb.to_numpy(spec, a.params), jb.to_numpy(spec, b.params)
+        for k in pa:
+            np.testing.assert_allclose(pb[k], pa[k], rtol=0, atol=1e-6, err_msg=k)

@@ -11,6 +11,8 @@ Proposition 4, appendix eqs 31-33).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -20,6 +22,21 @@ from jax import lax
 from epbench.spec import ModelSpec
 
 from epbench_jax import models as M
+from epbench_jax import native
+
+#: set while a jax-cpu program is traced: phases of the models ``native.handles`` run as one
+#: fused kernel call (``native.phase``) instead of an XLA loop of ``models.step``
+_FUSED = contextvars.ContextVar("epbench_fused_phases", default=False)
+
+
+@contextlib.contextmanager
+def fused_phases(enabled: bool):
+    """Trace programs with (or without) the fused CPU phases of :mod:`epbench_jax.native`."""
+    token = _FUSED.set(enabled)
+    try:
+        yield
+    finally:
+        _FUSED.reset(token)
 
 
 # ----- set-up ---------------------------------------------------------------------------------
@@ -46,6 +63,17 @@ class Prepared:
     def step(self, s, nudge=None):
         return self.F(self.psl, self.d, s, nudge)
 
+    def run(self, s, n: int, nudge=None):
+        """n steps of :meth:`step` from s: one fused kernel call where that is on and handles
+        the model (synchronous steps only), else an XLA loop."""
+        if n <= 0:
+            return s
+        if (_FUSED.get() and self.F.func is M.step and native.handles(self.spec, self.dtype)
+                and native.available()):
+            return native.phase(self.spec, self.psl, self.d, s, n, nudge)
+        unroll = min(_unroll(self.spec), n) if nudge is None else 1
+        return lax.fori_loop(0, n, lambda _, z: self.step(z, nudge), s, unroll=unroll)
+
     def theta_grad(self, g_layout, g_drive) -> dict:
         """Cotangents of the step layout and of the drive → ∂/∂θ for every parameter."""
         (gs,) = self.layout_vjp(g_layout)
@@ -60,9 +88,7 @@ def _unroll(spec: ModelSpec) -> int:
 
 def _free_run(prep: Prepared, s, n: int):
     """n free steps (no storage)."""
-    if n <= 0:
-        return s
-    return lax.fori_loop(0, n, lambda _, z: prep.step(z), s, unroll=min(_unroll(prep.spec), n))
+    return prep.run(s, n)
 
 
 def _free_run_history(prep: Prepared, s, n: int):
@@ -89,7 +115,7 @@ def convergence(s_T, s_prev):
 
 def nudged_run(prep: Prepared, s, beta, y, n: int):
     """n nudged steps (β(y − s0) added to dsdt_0) from s."""
-    return lax.fori_loop(0, n, lambda _, z: prep.step(z, (beta, y)), s)
+    return prep.run(s, n, (beta, y))
 
 
 def loss_grad(s_T, y):

@@ -3,7 +3,9 @@
 Importing this module does not import JAX: every method imports it lazily. float64 runs inside
 the scoped ``jax.enable_x64`` switch, so the rest of the process keeps JAX's float32 default.
 Each program (a whole phase or algorithm) is compiled once per (program, spec, step counts,
-argument shapes and dtypes) and cached; compilation is timed apart from the run.
+argument shapes and dtypes) and cached; compilation is timed apart from the run. On the CPU, the
+phases of the one-hidden-layer models in float32 run as one call of a fused kernel
+(:mod:`epbench_jax.native`; ``EPBENCH_JAX_NATIVE=0`` keeps the XLA loop).
 """
 
 from __future__ import annotations
@@ -133,8 +135,12 @@ class JaxBackend(Backend):
         compile_s = 0.0
         exe = self._cache.get(sig)
         if exe is None:
+            from epbench_jax import native
+            from epbench_jax.algorithms import fused_phases
+
             t0 = time.perf_counter()
-            exe = jax.jit(build()).lower(*args).compile()
+            with fused_phases(self.platform == "cpu" and native.enabled_by_user()):
+                exe = jax.jit(build()).lower(*args).compile()
             compile_s = time.perf_counter() - t0
             self._cache[sig] = exe
         t0 = time.perf_counter()
