@@ -51,12 +51,18 @@ def settings(model: str, dtype: str = "float32", alternate: bool = False):
     return spec, phase.model_copy(update={"alternate": alternate}), train
 
 
+#: seconds of untimed calls before timing (after the first, compiling, call): a fresh process
+#: runs its first second or so measurably slower (page faults, thread pools waking up)
+WARM_UP_S = 0.5
+
+
 def time_per_batch(backend, model: str, algorithm: str, batches: int = 10, dtype: str = "float32",
                    batch_size: int = 20, repeats: int = 3, alternate: bool = False) -> float:
     """Seconds per mini-batch of one training step (``ep``/``bptt``) or one GDU computation
-    (``gdu``): a warm-up call on the same data absorbs compilation, then the best of
-    ``repeats`` timed calls over ``batches`` mini-batches (timeit's rule: the fastest run is the
-    one least disturbed by the rest of the machine)."""
+    (``gdu``): a first call on the same data absorbs compilation, further calls until
+    ``WARM_UP_S`` has passed warm the process up, then the best of ``repeats`` timed calls over
+    ``batches`` mini-batches (timeit's rule: the fastest run is the one least disturbed by the
+    rest of the machine)."""
     spec, phase, train = settings(model, dtype, alternate)
     train = train.model_copy(update={"batch_size": batch_size, "lrs": tuple(0.0 for _ in train.lrs)})
     params = backend.from_numpy(spec, backend.init_params(spec, 0), dtype)
@@ -74,6 +80,10 @@ def time_per_batch(backend, model: str, algorithm: str, batches: int = 10, dtype
             backend.train_epoch(spec, params, x, labels, phase, train, algorithm)
     work()
     backend.synchronize()
+    warm_until = time.perf_counter() + WARM_UP_S
+    while time.perf_counter() < warm_until:
+        work()
+        backend.synchronize()
     best = float("inf")
     for _ in range(max(repeats, 1)):
         start = time.perf_counter()
@@ -128,8 +138,9 @@ def _rows(backend, model: str, phase, algorithm: str, batch: int, peak: float, g
 def bench_rows(backend, models=BENCH_MODELS, algorithms=("ep", "bptt", "gdu"), batches: int = 10,
                progress: Callable[[str], None] = lambda _m: None, alternate: bool = False) -> list[dict]:
     """One row per (model, algorithm, metric) for ``backend``; with ``alternate``, the training
-    steps under the even/odd alternation (P models only; GDU is not timed)."""
-    peak = device_peak(backend)
+    steps under the even/odd alternation (P models only; GDU is not timed). The matmul peak is
+    measured again before each model, so that each row's fraction compares two measurements
+    made within seconds of each other (timings on a shared machine drift over minutes)."""
     rows = []
     for model in models:
         spec, phase, _ = settings(model, alternate=alternate)
@@ -139,6 +150,7 @@ def bench_rows(backend, models=BENCH_MODELS, algorithms=("ep", "bptt", "gdu"), b
         if reason:
             progress(f"{backend.name} {model}: skipped ({reason})")
             continue
+        peak = device_peak(backend)
         for algorithm in algorithms:
             if alternate and algorithm == "gdu":
                 continue
@@ -157,7 +169,6 @@ def step_rows(backend, models=BENCH_MODELS, batch_sizes=STEP_BATCHES,
     """``epbench bench --per-step``: seconds and GFLOP/s of one first-phase step per model and
     batch size. A cost that grows in proportion to the batch is compute in the kernels; one that
     stays flat is the fixed cost of launching them."""
-    peak = device_peak(backend)
     rows = []
     for model in models:
         spec, phase, _ = settings(model)
@@ -165,6 +176,7 @@ def step_rows(backend, models=BENCH_MODELS, batch_sizes=STEP_BATCHES,
         if reason:
             progress(f"{backend.name} {model}: skipped ({reason})")
             continue
+        peak = device_peak(backend)
         for batch in batch_sizes:
             seconds = time_per_step(backend, model, batch)
             work = flopcount.step_flops(spec, batch)

@@ -108,6 +108,11 @@ def test_divergence_stops_the_epoch(jb):
                          TrainSettings(lrs=(float("inf"), 0.1), batch_size=10), "ep")
     assert res.diverged
     assert not all(np.isfinite(v).all() for v in jb.to_numpy(spec, res.params).values())
+    # weights that turn non-finite in the last batch: no later first phase sees them, the check
+    # at the end of the chunk does
+    last = jb.train_epoch(spec, P, x, labels, PhaseSettings(T=5, K=2, beta=0.5),
+                          TrainSettings(lrs=(float("inf"), 0.1), batch_size=40), "ep")
+    assert last.diverged
 
 
 # ----- primitives ---------------------------------------------------------------------------
