@@ -129,17 +129,18 @@ class JaxBackend(Backend):
     def _call(self, key: tuple, build, *args):
         """Run the cached compiled program ``key`` (compiling ``build()`` on first use).
         Returns (outputs, {"compile_s", "run_s"})."""
+        from epbench_jax import native
+        from epbench_jax.algorithms import fused_phases
+
         jax = _jax()
+        fused = self.platform == "cpu" and native.enabled_by_user()
         leaves, tree = jax.tree.flatten(args)
-        sig = (key, self.platform, tree, tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves))
+        sig = (key, self.platform, fused, tree, tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves))
         compile_s = 0.0
         exe = self._cache.get(sig)
         if exe is None:
-            from epbench_jax import native
-            from epbench_jax.algorithms import fused_phases
-
             t0 = time.perf_counter()
-            with fused_phases(self.platform == "cpu" and native.enabled_by_user()):
+            with fused_phases(fused):
                 exe = jax.jit(build()).lower(*args).compile()
             compile_s = time.perf_counter() - t0
             self._cache[sig] = exe
