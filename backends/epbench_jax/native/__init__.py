@@ -10,7 +10,8 @@ every other model keep the XLA loop).
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``,
 ``g++``) for this CPU, against the FFI headers that jaxlib ships, and cached under
 ``$EPBENCH_CACHE`` (default ``~/.cache/epbench``). Without a compiler, or with
-``EPBENCH_JAX_NATIVE=0``, the backend uses the XLA loop: same results, slower.
+``EPBENCH_JAX_NATIVE=0``, the backend uses the XLA loop: the same results to float32
+rounding, slower.
 """
 
 from __future__ import annotations
