@@ -56,13 +56,29 @@ def settings(model: str, dtype: str = "float32", alternate: bool = False):
 WARM_UP_S = 0.5
 
 
+def best_time(work: Callable[[], object], backend, repeats: int = 3) -> float:
+    """Seconds of the fastest of ``repeats`` timed calls of ``work`` (timeit's rule: the fastest
+    run is the one least disturbed by the rest of the machine), after a first call that absorbs
+    compilation and further untimed calls until ``WARM_UP_S`` has passed."""
+    work()
+    backend.synchronize()
+    warm_until = time.perf_counter() + WARM_UP_S
+    while time.perf_counter() < warm_until:
+        work()
+        backend.synchronize()
+    best = float("inf")
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        work()
+        backend.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def time_per_batch(backend, model: str, algorithm: str, batches: int = 10, dtype: str = "float32",
                    batch_size: int = 20, repeats: int = 3, alternate: bool = False) -> float:
     """Seconds per mini-batch of one training step (``ep``/``bptt``) or one GDU computation
-    (``gdu``): a first call on the same data absorbs compilation, further calls until
-    ``WARM_UP_S`` has passed warm the process up, then the best of ``repeats`` timed calls over
-    ``batches`` mini-batches (timeit's rule: the fastest run is the one least disturbed by the
-    rest of the machine)."""
+    (``gdu``), timed by :func:`best_time` over ``batches`` mini-batches on the same data."""
     spec, phase, train = settings(model, dtype, alternate)
     train = train.model_copy(update={"batch_size": batch_size, "lrs": tuple(0.0 for _ in train.lrs)})
     params = backend.from_numpy(spec, backend.init_params(spec, 0), dtype)
@@ -78,42 +94,22 @@ def time_per_batch(backend, model: str, algorithm: str, batches: int = 10, dtype
 
         def work():
             backend.train_epoch(spec, params, x, labels, phase, train, algorithm)
-    work()
-    backend.synchronize()
-    warm_until = time.perf_counter() + WARM_UP_S
-    while time.perf_counter() < warm_until:
-        work()
-        backend.synchronize()
-    best = float("inf")
-    for _ in range(max(repeats, 1)):
-        start = time.perf_counter()
-        work()
-        backend.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best / batches
+    return best_time(work, backend, repeats) / batches
 
 
 def time_per_step(backend, model: str, batch_size: int, steps: int = 400, repeats: int = 5,
                   dtype: str = "float32") -> float:
     """Seconds per step of the first phase at ``batch_size``: (time of 1 + ``steps`` steps − time
-    of 1 step) / ``steps``, which removes the input drive and the cost of the call. Each length
-    is run once to warm up, then timed best of ``repeats``."""
+    of 1 step) / ``steps``, which removes the input drive and the cost of the call; each timed
+    by :func:`best_time`."""
     spec, _, _ = settings(model, dtype)
     params = backend.from_numpy(spec, backend.init_params(spec, 0), dtype)
     x, _ = _random_data(spec, batch_size)
 
-    def best_of(T: int) -> float:
-        backend.first_phase(spec, params, x, T)
-        backend.synchronize()
-        best = float("inf")
-        for _ in range(max(repeats, 1)):
-            start = time.perf_counter()
-            backend.first_phase(spec, params, x, T)
-            backend.synchronize()
-            best = min(best, time.perf_counter() - start)
-        return best
+    def phase_of(T: int) -> float:
+        return best_time(lambda: backend.first_phase(spec, params, x, T), backend, repeats)
 
-    return max(best_of(1 + steps) - best_of(1), 0.0) / steps
+    return max(phase_of(1 + steps) - phase_of(1), 0.0) / steps
 
 
 def useful_flops(model: str, algorithm: str, batch_size: int = 20, alternate: bool = False) -> float:
@@ -123,10 +119,9 @@ def useful_flops(model: str, algorithm: str, batch_size: int = 20, alternate: bo
     return counter(spec, phase, batch_size)
 
 
-def _rows(backend, model: str, phase, algorithm: str, batch: int, peak: float, gflops: float,
+def _rows(backend, model: str, spec, phase, algorithm: str, batch: int, peak: float, gflops: float,
           measured: dict[str, float]) -> list[dict]:
     """Results rows of one measurement: ``measured`` metrics, then GFLOP/s, peak and fraction."""
-    spec = settings(model)[0]
     base = {"experiment": model, "task": "bench", "model": spec.kind, "model_desc": spec.describe(),
             "flavor": spec.flavor, "dtype": "float32", "T": phase.T, "K": phase.K, "beta": phase.beta,
             "alternate": phase.alternate, "batch_size": batch, "algorithm": algorithm, "backend": backend.name,
@@ -157,7 +152,7 @@ def bench_rows(backend, models=BENCH_MODELS, algorithms=("ep", "bptt", "gdu"), b
             seconds = time_per_batch(backend, model, algorithm, batches=batches, alternate=alternate)
             work = useful_flops(model, algorithm, alternate=alternate)
             gflops = work / seconds / 1e9
-            rows += _rows(backend, model, phase, algorithm, 20, peak, gflops,
+            rows += _rows(backend, model, spec, phase, algorithm, 20, peak, gflops,
                           {"seconds_per_batch": seconds, "seconds_per_sample": seconds / 20, "flops_per_batch": work})
             progress(f"{backend.name:<10} {model:<7} {algorithm:<5} {seconds * 1e3:9.2f} ms/batch "
                      f"{work / 1e6:9.1f} MFLOP {gflops:8.1f} GFLOP/s {100 * gflops / peak:6.1f}% of {peak:.0f}")
@@ -181,7 +176,7 @@ def step_rows(backend, models=BENCH_MODELS, batch_sizes=STEP_BATCHES,
             seconds = time_per_step(backend, model, batch)
             work = flopcount.step_flops(spec, batch)
             gflops = work / seconds / 1e9 if seconds > 0 else float("nan")
-            rows += _rows(backend, model, phase, "first-phase-step", batch, peak, gflops,
+            rows += _rows(backend, model, spec, phase, "first-phase-step", batch, peak, gflops,
                           {"seconds_per_step": seconds, "flops_per_step": work})
             progress(f"{backend.name:<10} {model:<7} step batch {batch:<3d} {seconds * 1e6:9.2f} µs/step "
                      f"{work / 1e6:7.3f} MFLOP {gflops:8.1f} GFLOP/s {100 * gflops / peak:6.1f}% of {peak:.0f}")

@@ -253,9 +253,15 @@ class PhaseSettings(_Strict):
     def _k_le_t(self) -> "PhaseSettings":
         if self.K > self.T:
             raise ValueError(f"K ({self.K}) must not exceed T ({self.T})")
-        if self.alternate and (self.T % 2 or self.K % 2):
-            raise ValueError(f"alternate runs double steps: T ({self.T}) and K ({self.K}) must be even")
+        if self.alternate and (odd := _odd_steps(self)):
+            raise ValueError(odd)
         return self
+
+
+def _odd_steps(phase: "PhaseSettings") -> str | None:
+    if phase.T % 2 or phase.K % 2:
+        return f"alternate runs double steps: T ({phase.T}) and K ({phase.K}) must be even"
+    return None
 
 
 def alternation_problem(spec: ModelSpec, phase: PhaseSettings) -> str | None:
@@ -264,8 +270,8 @@ def alternation_problem(spec: ModelSpec, phase: PhaseSettings) -> str | None:
     model with dt = 1, and an even BPTT span."""
     if not phase.alternate:
         return None
-    if phase.T % 2 or phase.K % 2:
-        return f"alternate runs double steps: T ({phase.T}) and K ({phase.K}) must be even"
+    if odd := _odd_steps(phase):
+        return odd
     if spec.kind != "p":
         return f"alternate applies to fully connected P models only, not {spec.kind}"
     if spec.step != 1.0:

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from epbench.errors import EpbenchError
-from epbench.spec import Algorithm, DType, ModelSpec, PhaseSettings, TrainSettings, alternation_problem
+from epbench.spec import Algorithm, DType, ModelSpec, PhaseSettings, TrainSettings, check_alternation
 
 #: what ``--quick`` does (documented in the README and recorded in every quick run's meta.json)
 QUICK = {
@@ -71,13 +71,7 @@ class Experiment(_Strict):
                              f"(input side first), got {len(self.train.lrs)}")
         if self.sweep is not None and self.task != "gdu":
             raise ValueError("sweep is for gdu experiments")
-        if self.phase.alternate:
-            if self.task != "train":
-                raise ValueError("phase.alternate is a training option (GDU processes follow the synchronous "
-                                 "dynamics step by step)")
-            problem = alternation_problem(self.model, self.phase)
-            if problem:
-                raise ValueError(problem)
+        check_alternation(self.model, self.phase, gdu=self.task != "train")
         return self
 
     @property

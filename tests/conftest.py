@@ -9,6 +9,15 @@ import pytest
 #: every backend that the shared, parametrised checks run on (skipped where unavailable)
 BACKENDS = ["torch-cpu", "jax-cpu"]
 
+#: one small model of each kind (unit tests of the backends' internals)
+SMALL_MODELS = {
+    "toy": dict(kind="toy", n_in=10, hidden=(12,), n_out=5, activation="tanh", dt=0.08, flavor="official-code"),
+    "eb": dict(kind="eb", n_in=20, hidden=(10, 8), n_out=5, activation="sigmoid", dt=0.2, clamp=True),
+    "p": dict(kind="p", n_in=20, hidden=(10, 8), n_out=5, activation="tanh", flavor="official-code"),
+    "pconv": dict(kind="pconv", n_in=15 * 15, channels=(3, 4), kernel=3, n_out=5, activation="hard_sigmoid",
+                  flavor="official-code"),
+}
+
 #: reference outputs of the official code (a copy of shared/golden, see its README.md)
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "data", "golden")
 

@@ -510,11 +510,13 @@ def test_one_epoch_trains_p1h_on_mnist5k(backend):
     below 15% test error with every output unit alive; BPTT from the same initial weights loses
     output units to saturation in its first epoch (they never light up on the test set; see
     :func:`test_p1h_saturated_output_unit_stops_bptt_but_not_ep`), revives them in the second
-    and gets below 15% then; below 15% in one BPTT epoch does not hold at Table 4's settings.
+    and gets below 15% then (seed 0, this data order). Below 15% after one BPTT epoch holds for
+    3 trials of 10 only at Table 4's settings.
 
-    Measured on jax-cpu, seeds 0-9: EP 9.8-13.0% after one epoch; BPTT 15.4-34.6% after one
-    (seed 0: digits 2 and 6 never predicted) and 11.2-11.7% after two (seeds 0-2). Raising
-    BPTT's learning rates makes its first epoch worse (seeds 0-4, ×2: 16-55%, ×3: 52-87%), so the
+    Runs of the runner (10 trials, jax-cpu; results/20261129T0933*-table4-jax-cpu): EP
+    10.0-13.4% after one epoch; BPTT 13.0-31.4% after one, 10.5-18.1% after two (9 of 10
+    below 15%). At 2× and 3×
+    the learning rates BPTT's first epoch gets worse (16.8-69.9%, 54.4-87.2%), so the
     shortfall is not one of step length."""
     spec, phase, train = presets.table4("p-1h")
     split = _mnist_5k()

@@ -14,7 +14,7 @@ import pytest
 
 from epbench.errors import BackendUnavailable
 from epbench.spec import ModelSpec, PhaseSettings, TrainSettings
-from conftest import load_backend
+from conftest import SMALL_MODELS, load_backend
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
@@ -195,13 +195,7 @@ def unrolled_bptt(spec, params, x, y, s_start, K):
     return bptt_s, bptt_theta
 
 
-PROP4 = {
-    "toy": dict(kind="toy", n_in=10, hidden=(12,), n_out=5, activation="tanh", dt=0.08, flavor="official-code"),
-    "eb": dict(kind="eb", n_in=20, hidden=(10, 8), n_out=5, activation="sigmoid", dt=0.2, clamp=True),
-    "p": dict(kind="p", n_in=20, hidden=(10, 8), n_out=5, activation="tanh", flavor="official-code"),
-    "pconv": dict(kind="pconv", n_in=15 * 15, channels=(3, 4), kernel=3, n_out=5, activation="hard_sigmoid",
-                  flavor="official-code"),
-}
+PROP4 = SMALL_MODELS
 
 
 @pytest.mark.parametrize("kind", sorted(PROP4))
