@@ -5,7 +5,8 @@ registries from the hooks.
   ``EPBENCH_STRICT_PLUGINS=1``, makes it an error);
 * ``EPBENCH_DISABLE_PLUGINS=1`` loads only the built-in plugins (those shipped in the
   ``epbench`` distribution itself);
-* ``EPBENCH_TRACE_PLUGINS=1`` prints every hook call and its result to stderr.
+* ``EPBENCH_TRACE_PLUGINS=1`` prints every hook call (pluggy's hook-call monitoring: the
+  hook, its implementations, its result) to stderr.
 """
 
 from __future__ import annotations
@@ -88,11 +89,10 @@ def _trace(pm: pluggy.PluginManager) -> None:
         print(f"[epbench trace] call {hook_name}({kwargs}) -> implementations: {names}", file=sys.stderr)
 
     def after(outcome, hook_name, hook_impls, kwargs):
-        try:
-            result = outcome.get_result()
-        except BaseException as exc:  # noqa: BLE001 - tracing reports, then pluggy re-raises
-            result = f"raised {exc!r}"
-        print(f"[epbench trace] {hook_name} returned {result!r}", file=sys.stderr)
+        if outcome.exception is not None:  # pluggy re-raises it after this report
+            print(f"[epbench trace] {hook_name} raised {outcome.exception!r}", file=sys.stderr)
+        else:
+            print(f"[epbench trace] {hook_name} returned {outcome.get_result()!r}", file=sys.stderr)
 
     pm.add_hookcall_monitoring(before, after)
 
@@ -123,25 +123,26 @@ def build_registry(strict: bool | None = None) -> Registry:
                 raise EpbenchError(f"plugin '{ep.name}' ({ep.value}) failed to load: {info.error}") from exc
             warnings.warn(f"epbench: skipping plugin '{ep.name}' ({ep.value}): {info.error}",
                           PluginWarning, stacklevel=2)
-    trace = _env_flag("EPBENCH_TRACE_PLUGINS")
-    backends = _collect(pm, "epbench_backends", infos, strict, trace)
-    datasets = _collect(pm, "epbench_datasets", infos, strict, trace)
+    backends = _collect(pm, "epbench_backends", infos, strict)
+    datasets = _collect(pm, "epbench_datasets", infos, strict)
     return Registry(pm, infos, backends, datasets)
 
 
-def _collect(pm: pluggy.PluginManager, hook_name: str, infos: list[PluginInfo], strict: bool,
-             trace: bool = False) -> dict:
-    """Call ``hook_name`` on each plugin separately, so that one failing plugin is isolated and
-    every registered item is attributed to the plugin that registered it."""
+def _collect(pm: pluggy.PluginManager, hook_name: str, infos: list[PluginInfo], strict: bool) -> dict:
+    """Call ``hook_name`` through pluggy once per implementing plugin (``subset_hook_caller``
+    leaving out every other plugin), so that the hook-call monitoring sees every call, one
+    failing plugin is isolated, and every registered item is attributed to the plugin that
+    registered it. The first plugin (in registration order) to register a name keeps it."""
     by_plugin = {info.entry_point: info for info in infos}
+    hook = getattr(pm.hook, hook_name)
+    plugins = [impl.plugin for impl in hook.get_hookimpls()]
     found: dict = {}
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
-        plugin_name = pm.get_name(impl.plugin)
+    for plugin in plugins:
+        plugin_name = pm.get_name(plugin)
         info = by_plugin.get(plugin_name)
-        if trace:
-            print(f"[epbench trace] {plugin_name}.{hook_name}()", file=sys.stderr)
+        call = pm.subset_hook_caller(hook_name, remove_plugins=[p for p in plugins if p is not plugin])
         try:
-            items = impl.function() or []
+            items = [item for result in call() for item in (result or [])]
         except Exception as exc:  # noqa: BLE001
             message = f"plugin '{plugin_name}' failed in {hook_name}: {type(exc).__name__}: {exc}"
             if strict:
@@ -150,9 +151,6 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, infos: list[PluginInfo], 
             if info:
                 info.error = message
             continue
-        if trace:
-            print(f"[epbench trace] {plugin_name}.{hook_name} -> {[getattr(i, 'name', i) for i in items]}",
-                  file=sys.stderr)
         for item in items:
             name = getattr(item, "name", "")
             if not name or name in found:

@@ -144,7 +144,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 def read_suite_file(path: str | os.PathLike) -> tuple[dict, bytes]:
     path = Path(path)
     if not path.is_file():
-        raise EpbenchError(f"{path}: no such suite file")
+        raise EpbenchError(f"{path}: no such suite file ({missing_suite_hint(path)})")
     data = path.read_bytes()
     try:
         raw = yaml.safe_load(data)
@@ -216,18 +216,22 @@ def expand_sweeps(experiments: list[Experiment]) -> list[Experiment]:
 
 
 def bundled_suites_dir() -> Path | None:
-    """The ``suites/`` folder shipped beside the package (source checkout or editable install)."""
+    """The bundled suites: ``$EPBENCH_SUITES`` if set, else ``epbench/suites_data``, shipped in
+    the wheel (in a checkout a link to the repository's ``suites/``, resolved so that paths read
+    ``suites/NAME.yaml``)."""
     env = os.environ.get("EPBENCH_SUITES")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parent.parent / "suites")
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    return None
+    candidate = Path(env) if env else (Path(__file__).parent / "suites_data").resolve()
+    return candidate if candidate.is_dir() else None
+
+
+def bundled_suite_names() -> list[str]:
+    """The names of the bundled suites (``table3`` for ``table3.yaml``), sorted."""
+    folder = bundled_suites_dir()
+    return sorted({p.stem for p in folder.glob("*.y*ml")}) if folder is not None else []
 
 
 def resolve_suite_path(name_or_path: str) -> Path:
-    """A path as given, or the name of a bundled suite (``table3`` → suites/table3.yaml)."""
+    """A path as given, or the name of a bundled suite (``table3`` → the bundled table3.yaml)."""
     path = Path(name_or_path)
     if path.exists() or path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
         return path
@@ -237,3 +241,13 @@ def resolve_suite_path(name_or_path: str) -> Path:
             if (folder / f"{name_or_path}{suffix}").is_file():
                 return folder / f"{name_or_path}{suffix}"
     return path
+
+
+def missing_suite_hint(path: Path) -> str:
+    """What to say about a suite file that does not exist: the bundled suite of that name if
+    there is one (``suites/table4.yaml`` outside a checkout → ``epbench run table4``), else
+    the bundled names."""
+    names = bundled_suite_names()
+    if path.stem in names:
+        return f"bundled suite '{path.stem}' is run by name: epbench run {path.stem}"
+    return f"bundled suites: {', '.join(names)}" if names else "no bundled suites found"

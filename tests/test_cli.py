@@ -216,3 +216,83 @@ def test_bench_per_step_refuses_other_options(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "--per-step" in out.stderr
     assert not any(tmp_path.iterdir())
+
+
+# ----- first contact: data, suites, hints, packaging ---------------------------------------------
+def test_data_listing_checks_what_it_reports(tmp_path):
+    """`epbench data` on a folder of digits in MNIST format and on a corrupt copy: MNIST is found
+    but unverified (not the published files), Fashion-MNIST is refused (digits), a truncated
+    file is reported as bad."""
+    from test_datasets import digits_set  # tests/ is on sys.path (rootdir-relative imports)
+
+    env = {"EPBENCH_DATA": str(digits_set(tmp_path / "data")), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    out = epbench("data", env=env)
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()}
+    assert lines["mnist"].split()[1] == "unverified" and "look like digits" in lines["mnist"]
+    assert "other dataset" in lines["fashion-mnist"] and "not fashion-mnist" in lines["fashion-mnist"]
+    assert lines["mnist-5k"].split()[1] == "ok"
+
+    images = tmp_path / "data" / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:1000])
+    lines = {line.split()[0]: line for line in epbench("data", env=env).stdout.splitlines()}
+    assert lines["mnist"].split()[1] == "bad" and f"{images}: truncated or corrupt" in lines["mnist"]
+
+
+def test_rich_markup_in_hints_is_shown_as_written(tmp_path):
+    """A backend's reason such as pip install 'jax[cuda12]' keeps its brackets (rich markup)."""
+    body = FAKE_BACKEND.replace('return Availability(True, "", "fake device 0")',
+                                'return Availability(False, "pip install \'fake[cuda12]\' or [bold]x[/bold]")')
+    _fake_distribution(tmp_path, "epbench-fake", "epbench_fake_plugin", body)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = epbench("backends", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'fake[cuda12]' or [bold]x[/bold]" in out.stdout
+
+
+def test_suites_lists_first_sentences_and_shows_one_in_full():
+    out = epbench("suites")
+    assert out.returncode == 0, out.stderr
+    assert max(len(line) for line in out.stdout.splitlines()) <= 100
+    assert "Table 1 of Ernoult et al. 2019: the Table 4 protocol over 5 trials" in " ".join(out.stdout.split())
+    assert "Five trials." not in out.stdout  # the rest of table1's description
+    full = epbench("suites", "table1")
+    assert full.returncode == 0, full.stderr
+    text = " ".join(full.stdout.split())
+    assert "Five trials." in text and "p-3h train p 784-512-512-512-10" in text
+    verbose = " ".join(epbench("suites", "-v").stdout.split())
+    assert "Five trials." in verbose and "table3" in verbose
+    unknown = epbench("suites", "table9")
+    assert unknown.returncode == 2 and "unknown suite 'table9'" in unknown.stderr
+
+
+def test_missing_suite_path_hints_at_the_bundled_name(tmp_path):
+    """From outside a checkout, suites/table4.yaml does not exist: the error names `epbench run table4`."""
+    out = epbench("run", "suites/table4.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "no such suite file" in out.stderr and "epbench run table4" in out.stderr
+    out = epbench("run", "tablex", cwd=tmp_path)
+    assert out.returncode == 2 and "bundled suites: table1, table3" in out.stderr
+
+
+def test_wheel_ships_the_bundled_suites(tmp_path):
+    """A non-editable install gets every suite of suites/ (one copy in the repository: the
+    package's suites_data is a link to it)."""
+    import shutil
+    import zipfile
+
+    assert (ROOT / "epbench" / "suites_data").resolve() == (ROOT / "suites").resolve()
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for part in ("epbench", "backends", "suites"):
+        shutil.copytree(ROOT / part, src / part, symlinks=True, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = (tmp_path / "dist").glob("epbench-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {Path(n).name: z.read(n) for n in z.namelist() if n.startswith("epbench/suites_data/")}
+    expected = {p.name: p.read_bytes() for p in (ROOT / "suites").glob("*.yaml")}
+    assert expected and shipped == expected

@@ -317,6 +317,124 @@ def test_load_converts_and_checks(isolated):
         Mnist().load(str(d))
 
 
+# --- `epbench data`: is what was found sound, and which dataset is it? ----------------------
+
+
+def digits_set(directory, n_train=300, n_test=100, gz=True):
+    """MNIST-format files holding real handwritten digits (from the embedded mnist-5k), not the
+    published MNIST files: their labels have other checksums."""
+    from epbench.datasets.mnist5k import read_csv
+
+    images, labels = read_csv()
+    order = np.random.default_rng(0).permutation(len(labels))[: n_train + n_test]
+    os.makedirs(directory, exist_ok=True)
+    parts = {"train_images": images[order[:n_train]].reshape(-1, 28, 28), "train_labels": labels[order[:n_train]],
+             "test_images": images[order[n_train:]].reshape(-1, 28, 28), "test_labels": labels[order[n_train:]]}
+    for role, array in parts.items():
+        idx.write_idx(os.path.join(directory, FILES[role] + (".gz" if gz else "")), array)
+    return directory
+
+
+@needs_debian
+def test_inspection_verifies_real_fashion_mnist_and_refuses_it_as_mnist(isolated, monkeypatch):
+    info = FashionMnist().info(DEBIAN_FASHION)
+    assert info["status"] == "ok" and (info["n_train"], info["n_test"]) == (60000, 10000)
+    assert "published" in info["reason"]
+    # a folder of Fashion-MNIST files given as MNIST: found, but not MNIST
+    mnist = Mnist().info(DEBIAN_FASHION)
+    assert mnist["found"] and mnist["status"] == "other dataset"
+    assert "fashion-mnist's published files" in mnist["reason"]
+
+
+@needs_debian
+def test_inspection_of_plain_copies_of_published_labels(isolated):
+    """Labels stored uncompressed are recognised by the checksum of their content."""
+    d = isolated / "plain"
+    d.mkdir()
+    for name in os.listdir(DEBIAN_FASHION):
+        src = os.path.join(DEBIAN_FASHION, name)
+        if "labels" in name:
+            (d / name.removesuffix(".gz")).write_bytes(gzip.decompress(open(src, "rb").read()))
+        else:
+            os.symlink(src, d / name)
+    assert dl.published_as(str(d / "t10k-labels-idx1-ubyte")) == ("fashion-mnist", "t10k-labels-idx1-ubyte.gz")
+    assert FashionMnist().info(str(d))["status"] == "ok"
+
+
+@needs_debian
+def test_inspection_of_a_fashion_subset_by_content(isolated):
+    """Not the published files (a subset): told apart by what the images look like."""
+    d = isolated / "subset"
+    d.mkdir()
+    for role, base in FILES.items():
+        array = idx.read_idx(os.path.join(DEBIAN_FASHION, base + ".gz"))
+        idx.write_idx(str(d / (base + ".gz")), array[:200])
+    fashion, mnist = FashionMnist().info(str(d)), Mnist().info(str(d))
+    assert fashion["status"] == "unverified" and "look like clothing" in fashion["reason"]
+    assert fashion["n_train"] == 200
+    assert mnist["status"] == "other dataset" and "look like clothing" in mnist["reason"]
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_inspection_tells_digits_from_clothing(isolated, gz):
+    d = digits_set(isolated / "digits", gz=gz)
+    mnist, fashion = Mnist().info(str(d)), FashionMnist().info(str(d))
+    assert mnist["status"] == "unverified" and "look like digits" in mnist["reason"]
+    assert (mnist["n_train"], mnist["n_test"]) == (300, 100)
+    assert fashion["found"] and fashion["status"] == "other dataset"
+    assert "look like digits" in fashion["reason"] and "not fashion-mnist" in fashion["reason"]
+    # noise is neither: no verdict on content
+    noise = isolated / "noise"
+    make_idx_set(noise, n_train=150, n_test=10)
+    assert FashionMnist().info(str(noise))["status"] == "unverified"
+    assert "look like" not in FashionMnist().info(str(noise))["reason"]
+
+
+def _truncate_gz(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) * 2 // 3])
+
+
+def _cut_plain(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-784])
+
+
+CORRUPTIONS = {
+    "truncated gz": (True, lambda d: _truncate_gz(d / "train-images-idx3-ubyte.gz"),
+                     "train-images-idx3-ubyte.gz: truncated or corrupt: header says 300x28x28"),
+    "truncated plain": (False, lambda d: _cut_plain(d / "t10k-images-idx3-ubyte"),
+                        "t10k-images-idx3-ubyte: truncated: header says 100x28x28 = 78416 bytes, the file holds 77632"),
+    "labels as images": (True, lambda d: idx.write_idx(str(d / "train-images-idx3-ubyte.gz"), np.zeros(300, np.uint8)),
+                         "magic number 0x00000801, expected 0x00000803"),
+    "count mismatch": (True, lambda d: idx.write_idx(str(d / "t10k-labels-idx1-ubyte.gz"), np.zeros(99, np.uint8)),
+                       "100 images but"),
+    "not 28x28": (True, lambda d: idx.write_idx(str(d / "train-images-idx3-ubyte.gz"),
+                                                np.zeros((300, 27, 28), np.uint8)), "images are 27x28"),
+    "not IDX": (True, lambda d: (d / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"<html>404</html>")),
+                "bad magic number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_inspection_reports_corrupt_files(isolated, case):
+    gz, corrupt, expected = CORRUPTIONS[case]
+    d = digits_set(isolated / "d", gz=gz)
+    corrupt(d)
+    info = Mnist().info(str(d))
+    assert info["found"] and info["status"] == "bad", info
+    assert expected in info["reason"] and "\n" not in info["reason"]
+
+
+def test_idx_stored_length_and_read_leading(tmp_path):
+    images = np.arange(5 * 28 * 28, dtype=np.int64).reshape(5, 28, 28).astype(np.uint8)
+    for name in ("i", "i.gz"):
+        path = idx.write_idx(str(tmp_path / name), images)
+        assert idx.stored_length(path) == 16 + images.size
+        np.testing.assert_array_equal(idx.read_leading(path, 2), images[:2])
+        np.testing.assert_array_equal(idx.read_leading(path, 50), images)
+
+
 # --- mnist-5k ---------------------------------------------------------------------------------
 
 

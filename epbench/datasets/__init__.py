@@ -27,6 +27,7 @@ __all__ = [
     "DATA_ENV",
     "Dataset",
     "DatasetError",
+    "Inspection",
     "Split",
     "cache_dir",
     "epoch_order",
@@ -70,9 +71,29 @@ class Split:
                 f"x_shape={shape}, source={self.source!r})")
 
 
+#: the verdicts of :meth:`Dataset.inspect`
+STATUSES = {
+    "ok": "sound, and verified to be this dataset",
+    "unverified": "sound, but not the published files (e.g. a subset), so not verified",
+    "bad": "corrupt or malformed (the note says which file and how)",
+    "other dataset": "sound, but the content of another dataset",
+}
+
+
+@dataclasses.dataclass
+class Inspection:
+    """What :meth:`Dataset.inspect` found: sizes when known, a ``status`` (a key of
+    :data:`STATUSES`) and a one-line ``note`` saying what was checked or what is wrong."""
+
+    n_train: int | None = None
+    n_test: int | None = None
+    status: str = "ok"
+    note: str = ""
+
+
 class Dataset(ABC):
     """Base class of a dataset. Subclasses set ``name`` and ``description`` and implement
-    :meth:`locate` and :meth:`load`."""
+    :meth:`locate` and :meth:`load` (and, for ``epbench data``, :meth:`inspect`)."""
 
     name: str = ""
     description: str = ""
@@ -87,26 +108,29 @@ class Dataset(ABC):
     def load(self, data_dir: str | None = None) -> Split:
         """Read the data into a :class:`Split`."""
 
-    def sizes(self, location: str) -> tuple[int | None, int | None]:
-        """(n_train, n_test) if cheap to tell from ``location``, else (None, None)."""
-        return None, None
+    def inspect(self, location: str) -> "Inspection":
+        """A cheap look at the data found at ``location`` (for ``epbench data``): its sizes and
+        whether it is sound and really this dataset. The default knows nothing more."""
+        return Inspection()
 
     def info(self, data_dir: str | None = None) -> dict:
-        """A summary: name, description, found, location (or reason), n_train, n_test."""
+        """A summary: name, description, found, status (``missing`` when not found, else the
+        :class:`Inspection`'s), location, reason (why missing, or the inspection's note),
+        n_train and n_test when known."""
         out: dict = {"name": self.name, "description": self.description}
         try:
             location = self.locate(data_dir)
         except DatasetError as exc:
-            out.update(found=False, reason=str(exc))
+            out.update(found=False, status="missing", reason=str(exc))
             return out
         out.update(found=True, location=location)
         try:
-            n_train, n_test = self.sizes(location)
+            seen = self.inspect(location)
         except DatasetError as exc:
-            out.update(reason=str(exc))
-        else:
-            if n_train is not None:
-                out.update(n_train=n_train, n_test=n_test)
+            seen = Inspection(status="bad", note=str(exc))
+        out.update(status=seen.status, reason=seen.note)
+        if seen.n_train is not None:
+            out.update(n_train=seen.n_train, n_test=seen.n_test)
         return out
 
     def __repr__(self) -> str:

@@ -68,14 +68,33 @@ def file_md5(path: str, decompress: bool = False) -> str:
     return h.hexdigest()
 
 
+def _is_gzip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
 def verify_file(path: str, resource: Resource) -> bool:
-    """Whether ``path`` matches ``resource`` (its .gz MD5, or else its decompressed MD5)."""
+    """Whether ``path`` holds ``resource``: its MD5 is the published ``.gz`` file's, or the
+    MD5 of its content (decompressed if it is gzip data: a recompressed copy; as is if it is
+    plain) is that of the published file's content."""
     try:
-        if file_md5(path) == resource.md5:
+        digest = file_md5(path)
+        if digest == resource.md5 or (resource.raw_md5 and digest == resource.raw_md5):
             return True
-        return bool(resource.raw_md5) and file_md5(path, decompress=True) == resource.raw_md5
+        return bool(resource.raw_md5) and _is_gzip(path) and file_md5(path, decompress=True) == resource.raw_md5
     except (OSError, EOFError, zlib.error):
         return False
+
+
+def published_as(path: str) -> tuple[str, str] | None:
+    """(dataset, file name) of the published file whose content ``path`` holds (plain or
+    gzip, recompressed or not; by :func:`verify_file`), or None. Reads the whole file: meant
+    for the small ones (labels)."""
+    for name, resources in RESOURCES.items():
+        for res in resources:
+            if verify_file(path, res):
+                return name, res.filename
+    return None
 
 
 def verify_dir(name: str, directory: str) -> dict[str, str]:

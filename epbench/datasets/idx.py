@@ -152,3 +152,44 @@ def write_idx(path: str, array) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def stored_length(path: str) -> int:
+    """Bytes of IDX data in ``path`` without reading it: the file's size, or for a ``.gz`` file
+    the uncompressed size recorded in its gzip trailer (ISIZE, the size modulo 2**32)."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            if not _is_gz(path):
+                return os.fstat(f.fileno()).st_size
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 18:  # a gzip header and trailer alone take 18 bytes
+                raise DatasetError(f"{path}: {f.tell()} bytes, too short to be a gzip file")
+            f.seek(-4, os.SEEK_END)
+            return struct.unpack("<I", f.read(4))[0]
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def read_leading(path: str, count: int) -> np.ndarray:
+    """The first ``count`` items (e.g. images) of an IDX file, reading only the header and
+    those bytes; fewer if the file holds fewer."""
+    path = os.fspath(path)
+    magic, dims = read_header(path)
+    if not dims:
+        raise DatasetError(f"{path}: a 0-dim IDX file has no items")
+    dtype = np.dtype(DTYPES[magic >> 8])
+    count = min(count, dims[0])
+    item = math.prod(dims[1:]) * dtype.itemsize
+    header_len = 4 + 4 * len(dims)
+    try:
+        with (gzip.open if _is_gz(path) else open)(path, "rb") as f:
+            data = f.read(header_len + count * item)[header_len:]
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DatasetError(f"{path}: cannot read ({exc})") from None
+    if len(data) != count * item:
+        raise DatasetError(f"{path}: truncated: {count} items need {count * item} bytes, found {len(data)}")
+    array = np.frombuffer(data, dtype=dtype).reshape((count, *dims[1:]))
+    return array.astype(dtype.newbyteorder("="), copy=False) if dtype.itemsize > 1 else array

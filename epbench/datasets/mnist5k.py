@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from epbench.datasets import Dataset, DatasetError, Split
+from epbench.datasets import Dataset, DatasetError, Inspection, Split
 
 CSV_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist_5k.csv.gz")
 N_ROWS, N_PIXELS, N_CLASSES, PER_CLASS, TRAIN_PER_CLASS = 5000, 784, 10, 500, 400
@@ -67,8 +67,9 @@ class Mnist5k(Dataset):
             raise DatasetError(f"mnist-5k: embedded file {CSV_PATH} is missing; reinstall epbench")
         return CSV_PATH
 
-    def sizes(self, location: str) -> tuple[int, int]:
-        return N_CLASSES * TRAIN_PER_CLASS, N_CLASSES * (PER_CLASS - TRAIN_PER_CLASS)
+    def inspect(self, location: str) -> Inspection:
+        return Inspection(N_CLASSES * TRAIN_PER_CLASS, N_CLASSES * (PER_CLASS - TRAIN_PER_CLASS), "ok",
+                          "embedded in epbench")
 
     def load(self, data_dir: str | None = None) -> Split:
         import numpy as np
