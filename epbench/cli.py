@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import sys
+import textwrap
 import warnings
 
 import click
@@ -135,10 +137,18 @@ def backends(probe):
 
             avail = Availability(False, f"availability check failed: {exc}")
         version = backend.framework_version()
-        table.add_row(name, f"{info.distribution} {info.version}" if info else "?",
-                      f"{backend.framework} {version}".strip(), "yes" if avail.ok else "no",
-                      avail.device if avail.ok else avail.reason)
+        table.add_row(*_plain(name, f"{info.distribution} {info.version}" if info else "?",
+                              f"{backend.framework} {version}".strip(), "yes" if avail.ok else "no",
+                              avail.device if avail.ok else avail.reason))
     Console(width=140).print(table)
+
+
+def _plain(*texts: str) -> list[str]:
+    """Texts shown through rich as they are: ``[...]`` is rich's markup, so an install hint such
+    as ``pip install 'jax[cuda12]'`` would lose its brackets unless escaped."""
+    from rich.markup import escape
+
+    return [escape(str(t)) for t in texts]
 
 
 @cli.command()
@@ -150,43 +160,66 @@ def plugins():
     reg = _registry()
     table = Table("entry point", "module", "distribution", "hooks", "registers", "status")
     for info in reg.plugins:
-        table.add_row(info.entry_point, info.module, f"{info.distribution} {info.version}".strip(),
-                      ", ".join(info.hooks), ", ".join(info.registers), info.error or "ok")
+        table.add_row(*_plain(info.entry_point, info.module, f"{info.distribution} {info.version}".strip(),
+                              ", ".join(info.hooks), ", ".join(info.registers), info.error or "ok"))
     Console(width=160).print(table)
 
 
 @cli.command()
-def suites():
-    """List the bundled suites."""
-    import yaml
-
-    from epbench.suites import bundled_suites_dir
+@click.argument("name", required=False)
+@click.option("-v", "--verbose", "full", is_flag=True, help="Full descriptions.")
+def suites(name, full):
+    """List the bundled suites (first sentence of each description); NAME: one suite in full,
+    with its experiments."""
+    from epbench.suites import (bundled_suite_names, bundled_suites_dir, load_suite, read_suite_file,
+                                resolve_suite_path)
 
     folder = bundled_suites_dir()
     if folder is None:
         raise EpbenchError("no bundled suites folder found (set EPBENCH_SUITES)")
-    for path in sorted(folder.glob("*.y*ml")):
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
-            raw = {}
-        n = len(raw.get("experiments") or [])
-        click.echo(f"{path.stem:<12} {n:>3} experiments  {raw.get('description', '').strip().splitlines()[0] if raw.get('description') else ''}")
-        click.echo(f"{'':<12} {path}")
+    names = bundled_suite_names()
+    if name is not None and name not in names:
+        from epbench.plugins import unknown_name_message
+
+        raise EpbenchError(unknown_name_message("suite", name, names))
+    width = min(100, shutil.get_terminal_size((100, 24)).columns)
+    for stem in [name] if name else names:
+        path = resolve_suite_path(stem)
+        raw, _ = read_suite_file(path)
+        experiments = [e for e in raw.get("experiments") or [] if isinstance(e, dict)]
+        text = " ".join(str(raw.get("description") or "").split())
+        if not (name or full):
+            text = first_sentence(text)
+        click.echo(f"{stem}  ({len(experiments)} experiments, {path})")
+        if text:
+            click.echo(textwrap.fill(text, width, initial_indent="    ", subsequent_indent="    "))
+        if name:
+            suite, _ = load_suite(path)
+            for exp in suite.experiments:
+                click.echo(f"    {exp.name:<16} {exp.task:<6} {exp.model.describe()}")
+
+
+def first_sentence(text: str) -> str:
+    """Up to the first '. ' followed by a capital letter ('et al. 2019' does not end one)."""
+    import re
+
+    match = re.search(r"\.\s+(?=[A-Z])", text)
+    return text[: match.start() + 1] if match else text
 
 
 @cli.group(invoke_without_command=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Folder holding the dataset files.")
 @click.pass_context
 def data(ctx, data_dir):
-    """List the datasets and where each was found; `data download NAME` fetches one."""
+    """List the datasets: where each was found and whether it is sound and really that dataset
+    (headers, sizes, published checksums of the labels); `data download NAME` fetches one."""
     if ctx.invoked_subcommand is not None:
         return
     reg = _registry()
     for name in sorted(reg.datasets):
         info = reg.datasets[name].info(data_dir)
-        where = info.get("location") if info.get("found") else f"not found: {info.get('reason', '')}"
-        click.echo(f"{name:<14} {where}")
+        where = f"{info['location']}: " if info.get("found") else ""
+        click.echo(f"{name:<14} {info.get('status', 'ok'):<13} {where}{info.get('reason', '')}")
 
 
 @data.command("download")
