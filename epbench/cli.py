@@ -16,7 +16,7 @@ import warnings
 import click
 
 from epbench import __version__
-from epbench.errors import EpbenchError
+from epbench.errors import EpbenchError, RunInterrupted
 
 log = logging.getLogger("epbench")
 
@@ -65,31 +65,94 @@ def _registry():
 @click.option("--no-report", is_flag=True, help="Do not render report.md and figures.")
 @click.pass_context
 def run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, include_heavy, assignments, out, no_report):
-    """Run SUITE (a YAML file, or the name of a bundled suite such as table3)."""
-    from epbench.runner import RunOptions, run_suite
+    """Run SUITE (a YAML file, or the name of a bundled suite such as table3).
+
+    Everything is checked before the run directory is created; its path is printed when it is.
+    SIGINT (Ctrl-C) and SIGTERM stop the run with status "interrupted" in meta.json, keeping
+    the experiments that finished (exit 130 and 143)."""
+    import signal
+
+    from epbench.errors import Terminated
+
+    def terminate(_signum, _frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, include_heavy, assignments, out,
+             no_report)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, include_heavy, assignments, out,
+         no_report):
+    from epbench.errors import RunInterrupted, signal_number
+    from epbench.results import settle_stale_runs
+    from epbench.runner import RunOptions
     from epbench.suites import load_suite, parse_assignment, resolve_suite_path
 
-    path = resolve_suite_path(suite)
-    parsed = [parse_assignment(a) for a in assignments]
-    loaded, digest = load_suite(path, parsed)
-    if dataset:
-        _registry().dataset(dataset)
-    _registry().backend(backend)
-    opts = RunOptions(backend=backend, out=out, dataset=dataset, epochs=epochs, trials=trials, quick=quick,
-                      include_heavy=include_heavy, only=tuple(only), data_dir=data_dir,
-                      overrides=tuple(assignments), command=shlex.join(["epbench", *sys.argv[1:]]))
     verbose = ctx.obj["verbose"]
-    run_dir = _run_with_progress(loaded, str(path), digest, opts, verbose)
-    if not no_report:
-        from epbench.report import render_report
+    created: list = []
 
-        report = render_report(run_dir)
+    def started(run_dir):
+        created.append(run_dir)
         if verbose >= 0:
-            click.echo(f"report: {report}")
-    click.echo(str(run_dir))
+            click.echo(f"run directory: {run_dir}", err=True)
+
+    try:
+        path = resolve_suite_path(suite)
+        parsed = [parse_assignment(a) for a in assignments]
+        loaded, digest = load_suite(path, parsed)
+        if dataset:
+            _registry().dataset(dataset)
+        _registry().backend(backend)
+        for stale in settle_stale_runs(out):
+            if verbose >= 0:
+                click.echo(f"note: {stale}: its process ended without finishing; status now 'interrupted'", err=True)
+        opts = RunOptions(backend=backend, out=out, dataset=dataset, epochs=epochs, trials=trials, quick=quick,
+                          include_heavy=include_heavy, only=tuple(only), data_dir=data_dir,
+                          overrides=tuple(assignments), command=shlex.join(["epbench", *sys.argv[1:]]))
+        run_dir = _run_with_progress(loaded, str(path), digest, opts, verbose, started)
+        if not no_report:
+            from epbench.report import render_report
+
+            report = render_report(run_dir)
+            if verbose >= 0:
+                click.echo(f"report: {report}")
+        click.echo(str(run_dir))
+    except KeyboardInterrupt as exc:
+        signum = signal_number(exc)
+        name = "SIGTERM" if signum == 15 else "SIGINT"
+        if created:
+            raise RunInterrupted(f"interrupted ({name}): run directory {created[0]} keeps the experiments that "
+                                 "finished, status 'interrupted'; re-run the same command to start again",
+                                 signum) from None
+        raise RunInterrupted(f"interrupted ({name}) before the run directory was created", signum) from None
+    except EpbenchError as exc:
+        if created:
+            raise EpbenchError(f"{exc} (run directory {created[0]}: {_status_of(created[0])})") from None
+        raise
+    except Exception as exc:  # a bug: main() prints it, naming the run directory
+        if created:
+            exc.run_dir = created[0]
+        raise
 
 
-def _run_with_progress(suite, path, digest, opts, verbose):
+def _status_of(run_dir) -> str:
+    """'status <s>' of a run directory, and how to go on."""
+    from epbench.results import COMPLETE, read_meta
+
+    try:
+        status = read_meta(run_dir).get("status", "unknown")
+    except EpbenchError:
+        status = "unknown"
+    if status == COMPLETE:
+        return f"status {status}; `epbench report {run_dir}` renders the report again"
+    return f"status {status}; re-run the same command to start again"
+
+
+def _run_with_progress(suite, path, digest, opts, verbose, on_start=None):
     from epbench.runner import run_suite
 
     if verbose < 0 or not sys.stderr.isatty():
@@ -97,23 +160,24 @@ def _run_with_progress(suite, path, digest, opts, verbose):
             if verbose >= 0:
                 click.echo(message, err=True)
 
-        return run_suite(suite, path, digest, opts, progress)
+        return run_suite(suite, path, digest, opts, progress, on_start)
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as bar:
-        task = bar.add_task(f"{suite.name} on {opts.backend}", total=None)
+        task = bar.add_task(escape(f"{suite.name} on {opts.backend}"), total=None)
 
         def progress(message, done, total):
             if total:
-                bar.update(task, completed=done, total=total, description=message)
-            elif verbose > 0 or message.startswith("skipping"):
-                console.print(message)
+                bar.update(task, completed=done, total=total, description=escape(message))
+            elif verbose > 0 or message.startswith(("skipping", "warning")):
+                console.print(escape(message))
 
-        return run_suite(suite, path, digest, opts, progress)
+        return run_suite(suite, path, digest, opts, progress, on_start)
 
 
 # ----- discovery ---------------------------------------------------------------------------
@@ -257,14 +321,24 @@ def report(run_dir):
 
     from epbench.report import render_report
 
+    from epbench.results import INTERRUPTED, has_table, settle_status
+
     path = Path(run_dir)
     if not path.is_dir():
         raise EpbenchError(f"{run_dir}: no such run directory")
-    from epbench.results import has_table
-
-    if not has_table(path):
+    if not has_table(path) and not (path / "meta.json").is_file():
         raise EpbenchError(f"{run_dir}: not a run directory (no results.parquet or results.csv.gz)")
-    click.echo(str(render_report(path)))
+    meta = settle_status(path)
+    if meta.get("status") == INTERRUPTED:
+        click.echo(f"warning: {run_dir}: run interrupted"
+                   + (f" ({meta['status_detail']})" if meta.get("status_detail") else "")
+                   + "; the report shows the experiments that finished", err=True)
+    try:
+        click.echo(str(render_report(path)))
+    except OSError as exc:
+        from epbench.results import fs_error
+
+        raise fs_error(path, exc, "cannot write the report") from None
 
 
 @cli.command()
@@ -283,9 +357,14 @@ def compare(run_a, run_b, tolerance, reference, out_file):
     from epbench.compare import compare_runs, render_markdown
     from epbench.results import has_table
 
+    from epbench.results import COMPLETE, settle_status
+
     for run_dir in (run_a, run_b) + ((reference,) if reference else ()):
         if not Path(run_dir).is_dir() or not has_table(run_dir):
             raise EpbenchError(f"{run_dir}: not a run directory (no results.parquet or results.csv.gz)")
+        status = settle_status(run_dir).get("status")
+        if status not in (None, COMPLETE):
+            click.echo(f"warning: {run_dir}: run {status}; only the experiments that finished are compared", err=True)
     comparison = compare_runs(run_a, run_b, reference)
     text = render_markdown(comparison, tolerance)
     click.echo(text, nl=False)
@@ -376,13 +455,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    except RunInterrupted as exc:
+        click.echo(str(exc), err=True)
+        return exc.exit_code
     except EpbenchError as exc:
         click.echo(f"error: {exc}", err=True)
         return 2
     except Exception as exc:  # noqa: BLE001 - unexpected: a bug, not bad input
         if verbose > 1:
             raise
-        click.echo(f"internal error: {type(exc).__name__}: {exc} (run with -vv for the traceback)", err=True)
+        where = getattr(exc, "run_dir", None)
+        where = f"; run directory {where}: status failed" if where else ""
+        click.echo(f"internal error: {type(exc).__name__}: {exc}{where} (run with -vv for the traceback)", err=True)
         return 1
     return 0
 

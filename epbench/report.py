@@ -18,7 +18,7 @@ import pandas as pd
 
 from epbench import figures as figs
 from epbench import paper
-from epbench.results import atomic_write_text, read_meta, read_table, to_frame
+from epbench.results import atomic_write_text, read_meta, read_table, safe_name, to_frame
 
 FIGURES = "figures"
 REPORT = "report.md"
@@ -27,7 +27,9 @@ LR_COLUMNS = ("lrs", "learning_rates", "lr")
 
 # ----- small helpers -----------------------------------------------------------------------------
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "x"
+    """A figure's file-name part: :func:`epbench.results.safe_name` (safe and short; the report's
+    text keeps the real name)."""
+    return safe_name(text)
 
 
 def _cell(value) -> str:
@@ -341,13 +343,15 @@ def summarize_training(df: pd.DataFrame) -> pd.DataFrame:
         for algo in ("ep", "bptt"):
             test = _final_per_trial(tests[tests["algorithm"] == algo])
             tr = _final_per_trial(rows[(rows["metric"] == "train_error") & (rows["algorithm"] == algo)])
-            div = rows[(rows["metric"] == "diverged") & (rows["algorithm"] == algo)]
+            flags = _trial_flags(rows[rows["algorithm"] == algo])
             etime = rows[(rows["metric"] == "epoch_time_s") & (rows["algorithm"] == algo)]["value"]
             rec[f"n_{algo}"] = int(len(test))
             rec[f"{algo}_test_mean"] = float(test.mean()) if len(test) else float("nan")
             rec[f"{algo}_test_std"] = float(test.std(ddof=1)) if len(test) > 1 else float("nan")
             rec[f"{algo}_train_mean"] = float(tr.mean()) if len(tr) else float("nan")
-            rec[f"{algo}_diverged"] = int(div.groupby("trial")["value"].max().gt(0).sum()) if len(div) else 0
+            rec[f"{algo}_diverged"] = sum(1 for f in flags.values() if f == "diverged")
+            rec[f"{algo}_flags"] = {f: sum(1 for v in flags.values() if v == f) for f in dict.fromkeys(flags.values())
+                                    if f != "ok"}
             rec[f"{algo}_epoch_time_s"] = float(etime.mean()) if len(etime) else float("nan")
         pub = paper.TABLE1.get(preset or "")
         for algo in ("ep", "bptt"):
@@ -382,7 +386,8 @@ def _table4_diff(rec: pd.Series) -> str:
     kw, T, K, beta, epochs, lrs = TABLE4[rec["preset"]]
     diffs = []
     for name, ours, ref in (("activation", rec["activation"], kw.get("activation")), ("T", rec["T"], T),
-                            ("K", rec["K"], K), ("β", rec["beta"], beta), ("epochs", rec["epochs"], epochs)):
+                            ("K", rec["K"], K), ("β", rec["beta"], beta), ("epochs", rec["epochs"], epochs),
+                            ("batch", rec["batch_size"], 20)):
         if ours != ref:
             both = _isnum(ours) and _isnum(ref)
             diffs.append(f"{name} {ours:g} (paper {ref:g})" if both else f"{name} {ours} (paper {ref})")
@@ -407,7 +412,8 @@ def _training_markdown(summary: pd.DataFrame) -> tuple[str, str]:
                 settings)
     results = []
     for _, r in summary.iterrows():
-        div = ", ".join(f"{a.upper()} {r[f'{a}_diverged']}" for a in ("ep", "bptt") if r[f"{a}_diverged"])
+        div = ", ".join(f"**{a.upper()}: {n} {flag}**" for a in ("ep", "bptt")
+                        for flag, n in (r.get(f"{a}_flags") or {}).items())
         results.append([
             r["experiment"], r["epochs_run"],
             f"{_pm(r['ep_test_mean'], r['ep_test_std'])} (n={r['n_ep']})", _f(r["ep_train_mean"]),
@@ -419,9 +425,26 @@ def _training_markdown(summary: pd.DataFrame) -> tuple[str, str]:
             div or "—", r["not_comparable"] or ("—" if r["preset"] in paper.TABLE1 else "no Table 1 row")])
     t1 = _table(["experiment", "epochs run", "EP test %", "EP train %", "BPTT test %", "BPTT train %",
                  "published EP test %", "published EP train %", "published BPTT test %",
-                 "published BPTT train %", "Δ EP test", "Δ BPTT test", "diverged trials",
+                 "published BPTT train %", "Δ EP test", "Δ BPTT test", "flagged trials",
                  "not comparable because"], results)
-    return t4, t1
+    legend = _flags_legend(summary)
+    return t4, t1 + ("\n\n" + legend if legend else "")
+
+
+def _flags_legend(summary: pd.DataFrame) -> str:
+    """The rule behind each flag that appears in the table (runner.status_text), in bold."""
+    from epbench.runner import status_text
+
+    seen = {}
+    for _, r in summary.iterrows():
+        for algo in ("ep", "bptt"):
+            for flag in r.get(f"{algo}_flags") or {}:
+                seen.setdefault((flag, r["n_classes"]), None)
+    if not seen:
+        return ""
+    return ("**Flagged trials** (verdict per trial and algorithm after its last epoch; their errors are "
+            "included in the means above): " + "; ".join(f"**{flag}**: {status_text(flag, n)}" for flag, n in seen)
+            + ".")
 
 
 # ----- timing ------------------------------------------------------------------------------------
@@ -435,6 +458,7 @@ def summarize_timing(df: pd.DataFrame) -> pd.DataFrame:
         # a GDU measurement gives rows of all three algorithms; training measures EP and BPTT apart
         rows = rows.assign(measured=np.where(rows["task"] == "train", rows["algorithm"], ""))
         meas = rows.drop_duplicates(figs.VARIANT[1:] + ["measured", "epoch", "compile_s", "run_s"])
+        rec["n_classes"] = _n_classes(first["model_desc"])
         rec = {"experiment": exp, "trial": int(trial), "task": rows["task"].iloc[0],
                "wall_time_s": float(rows.groupby(figs.VARIANT[1:])["wall_time_s"].max().sum()),
                "compile_s": float(meas["compile_s"].sum(min_count=1)),
@@ -473,7 +497,33 @@ def _one_beta(gdu: pd.DataFrame, one_sided: bool = False) -> pd.DataFrame:
 def _at_one_beta(rows: pd.DataFrame) -> pd.DataFrame:
     betas = list(dict.fromkeys(rows["beta"]))
     ref3 = paper_table3(paper.preset_key(rows.iloc[0].to_dict()))
+def _trial_flags(rows: pd.DataFrame) -> dict:
+    """trial -> verdict (``status`` column: ok, diverged, exploded, chance) of one algorithm's
+    training rows. Tables written before the column existed: diverged from the ``diverged``
+    metric, else ok."""
+    flags = {}
+    for trial, part in rows.groupby("trial", sort=True):
+        recorded = [v for v in part["status"].astype(str) if v not in ("", "nan")] if "status" in part else []
+        if recorded:
+            flags[trial] = recorded[-1]
+        else:
+            div = part[part["metric"] == "diverged"]["value"]
+            flags[trial] = "diverged" if len(div) and div.max() > 0 else "ok"
+    return flags
+
+
+def _n_classes(model_desc: str) -> int:
+    """Output units of a model from ``ModelSpec.describe()`` ('p 784-512-10 ...' -> 10); 10 if
+    not written there (pconv)."""
+    arch = str(model_desc).split()
+    last = arch[1].rsplit("-", 1)[-1] if len(arch) > 1 and arch[0] != "pconv" else ""
+    return int(last) if last.isdigit() else 10
+
+
     beta = ref3[2] if ref3 and ref3[2] in betas else max(betas, key=abs)
+    """Which settings of a training experiment differ from its Table 4 row: activation, T, K, β,
+    epochs, batch size (20 throughout the paper), the learning rates (input side first) and ε
+    of EB models."""
     return rows[rows["beta"] == beta]
 
 
@@ -485,6 +535,9 @@ def _distinct(df: pd.DataFrame, column: str) -> str:
     if column not in df or df.empty:
         return ""
     return ", ".join(str(v) for v in dict.fromkeys(df[column].astype(str)) if v not in ("", "nan"))
+    published = "-".join(f"{v:g}" for v in lrs)
+    if rec["lrs"] and str(rec["lrs"]) != published:
+        diffs.append(f"learning rates {rec['lrs']} (paper {published})")
 
 
 def _header(df: pd.DataFrame, meta: dict) -> list[str]:
@@ -505,15 +558,19 @@ def _header(df: pd.DataFrame, meta: dict) -> list[str]:
         ("dtype", _distinct(df, "dtype") or "unknown"), ("epbench version", pick("epbench_version")),
         ("git commit", f"{commit} ({'dirty: uncommitted changes' if dirty else 'clean'})"),
         ("started", pick("started", "start_time")), ("finished", str(meta.get("finished", "unknown"))),
-        ("status", str(meta.get("status", "unknown"))),
+        ("status", str(meta.get("status", "unknown"))
+         + (f" (signal {meta['signal']})" if meta.get("signal") else "")
+         + (f": {meta['error']}" if meta.get("error") else "")
+         + (f": {meta['status_detail']}" if meta.get("status_detail") else "")),
         ("quick", "yes" if meta.get("quick") else "no"),
         ("overrides", ", ".join(f"`{o}`" for o in meta.get("overrides") or []) or "none"),
-        ("host", host_text or "unknown"),
+        ("host", (host_text or "unknown") + (f"; {meta['hostname']}, pid {meta['pid']}" if meta.get("pid") else "")),
         ("table", f"{len(df)} rows, {df['experiment'].nunique() if len(df) else 0} experiments"),
     ]
     lines = [f"# epbench report: {suite}", "",
              "Equilibrium Propagation vs BPTT (Ernoult et al., NeurIPS 2019). "
-             "Published values below come from the paper (FACTS §5, §8), every other number from this run's table.",
+             "Published values below come from the paper (Tables 1, 3 and 4) or, where marked, from the "
+             "official code; every other number comes from this run's table.",
              "", _table(["", ""], [[f"**{k}**", v] for k, v in info]), "", "Command:", "",
              "```", str(meta.get("command", "unknown")), "```", ""]
     return lines

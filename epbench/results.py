@@ -1,6 +1,7 @@
 """The results store: one tidy table per run, with provenance on every row.
 
-Each run gets a new directory ``results/<UTC time>-<suite>-<backend>[-n]/`` holding
+Each run gets a new directory ``results/<UTC time>-<suite>-<backend>[-n]/`` (names made safe and
+short by :func:`safe_name`) holding
 ``results.parquet`` and ``results.csv.gz`` (the same table; gzip since the process samples make
 it long), ``suite.yaml`` (the experiments as run, options and overrides applied), ``meta.json`` (the provenance once more) and, after rendering,
 ``report.md`` and ``figures/``. Nothing is ever overwritten; every file is written to a
@@ -29,6 +30,10 @@ layer              ``s0``, ``s1``, ... (neurons) or ``W01``, ``b0``, ... (parame
 quantity           ``neurons``, ``weights`` or ``""``
 epoch, t, unit     integers, -1 where not applicable
 value              float
+status             the verdict on the measurement: ``ok``; training (per trial x algorithm,
+                   after its last epoch, see :mod:`epbench.runner`): ``diverged`` (NaN/inf),
+                   ``exploded`` (a parameter beyond the runner's limit), ``chance`` (test
+                   error at chance level); GDU: ``diverged`` if a metric is NaN/inf
 compile_s, run_s   backend timings of the measurement (compile excluded from run; a GDU
                    measurement under 0.5 s is run up to 5 times and run_s is the fastest)
 provenance         run_id, epbench_version, git_commit, git_dirty, suite, suite_hash,
@@ -41,20 +46,26 @@ provenance         run_id, epbench_version, git_commit, git_dirty, suite, suite_
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import hashlib
 import io
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from epbench.errors import EpbenchError
+
 COLUMNS = [
     "run_id", "experiment", "task", "model", "model_desc", "activation", "dt", "flavor", "dataset", "dtype",
     "T", "K", "beta", "symmetric", "alternate", "lrs", "epochs", "batch_size", "trial", "seed", "algorithm",
-    "metric", "layer", "quantity", "epoch", "t", "unit", "value", "compile_s", "run_s", "wall_time_s",
+    "metric", "layer", "quantity", "epoch", "t", "unit", "value", "status", "compile_s", "run_s", "wall_time_s",
     "epbench_version", "git_commit", "git_dirty", "suite", "suite_hash", "backend", "framework",
     "framework_version", "device", "start_time",
 ]
@@ -101,24 +112,77 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
+#: longest name :func:`safe_name` returns: with a prefix (``theorem1-``, the run directory's time
+#: stamp), the extension and the temporary suffix of an atomic write, a file name stays far below
+#: the 255 bytes that common filesystems allow
+SAFE_NAME_MAX = 64
+
+
+def safe_name(text: str, max_len: int = SAFE_NAME_MAX, default: str = "x") -> str:
+    """A file-name-safe form of ``text``: runs of characters other than ``A-Za-z0-9_.-``
+    become ``-``; a result longer than ``max_len`` keeps its first ``max_len - 9`` characters
+    and ends with ``-`` and 8 hex digits of the SHA-1 of ``text``, so distinct long names stay
+    distinct. The table keeps the real names; only file names use this."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-.") or default
+    if len(slug) <= max_len:
+        return slug
+    digest = hashlib.sha1(str(text).encode("utf-8")).hexdigest()[:8]
+    return f"{slug[: max_len - 9].rstrip('-.')}-{digest}"
+
+
+def fs_error(path: str | os.PathLike, exc: OSError, doing: str = "cannot write") -> EpbenchError:
+    """One line for a filesystem error: the path and the cause (``No space left on device``,
+    ``Read-only file system``, ``Permission denied``, ``File name too long``...)."""
+    cause = exc.strerror or str(exc)
+    where = exc.filename if isinstance(exc.filename, str) and exc.filename else os.fspath(path)
+    return EpbenchError(f"{where}: {doing}: {cause}")
+
+
+#: bytes per table row allowed for when estimating a run's output (measured: 23 bytes per row for
+#: parquet and csv.gz together on the bundled table3 suite; a fresh copy is written beside the old
+#: one at each update, hence the room for two)
+BYTES_PER_ROW = 64
+#: bytes allowed per figure (PNG + SVG; the largest measured pair, P-3h's GDU processes, is 0.9 MB)
+BYTES_PER_FIGURE = 1 << 20
+
+
+def check_output_dir(root: str | os.PathLike, need_bytes: int = 0) -> Path:
+    """Make sure run directories can be created under ``root`` before any work starts: ``root``
+    exists or can be created, a file can be created in it (a probe, since permissions alone
+    miss read-only mounts, and root ignores them), and it has ``need_bytes`` free. Raises
+    :class:`EpbenchError` naming the path and the cause."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".epbench-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise fs_error(root, exc, "--out: cannot write there") from None
+    free = shutil.disk_usage(root).free
+    if need_bytes and free < need_bytes:
+        raise EpbenchError(f"{root}: --out: not enough free space: {free / 1e6:.1f} MB free, the run needs "
+                           f"about {need_bytes / 1e6:.1f} MB")
+    return root
 
 
 def new_run_dir(root: str | os.PathLike, suite: str, backend: str) -> Path:
     """Create and return a new, empty run directory under ``root`` (never reuses one)."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = f"{stamp}-{_slug(suite)}-{_slug(backend)}"
-    for n in range(1000):
-        candidate = root / (base if n == 0 else f"{base}-{n}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new run directory under {root}")
+    base = f"{stamp}-{safe_name(suite, default='run')}-{safe_name(backend, default='run')}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for n in range(1000):
+            candidate = root / (base if n == 0 else f"{base}-{n}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise fs_error(root, exc, "cannot create the run directory") from None
+    raise EpbenchError(f"{root}: 1000 run directories named {base}[-n] exist already")
 
 
 def to_frame(rows: list[dict]) -> pd.DataFrame:
@@ -167,6 +231,9 @@ def read_table(run_dir: str | os.PathLike) -> pd.DataFrame:
     if "alternate" not in frame:  # tables written before the column existed
         frame.insert(frame.columns.get_loc("symmetric") + 1 if "symmetric" in frame else len(frame.columns),
                      "alternate", False)
+    if "status" not in frame:  # tables written before the column existed: no verdict recorded
+        frame.insert(frame.columns.get_loc("value") + 1 if "value" in frame else len(frame.columns), "status", "")
+    frame["status"] = ["" if pd.isna(v) else str(v) for v in frame["status"]]
     return frame
 
 
@@ -178,6 +245,87 @@ def write_meta(run_dir: Path, meta: dict) -> None:
     atomic_write_text(run_dir / "meta.json", json.dumps(meta, indent=2, sort_keys=True, default=str))
 
 
+# ----- run status ----------------------------------------------------------------------------
+#: ``status`` in meta.json: "running" while the process works, then "complete", "interrupted"
+#: (SIGINT/SIGTERM, or found later with its process gone) or "failed" (an error stopped it)
+RUNNING, COMPLETE, INTERRUPTED, FAILED = "running", "complete", "interrupted", "failed"
+
+
+def _process_start(pid: int) -> str:
+    """The start time of process ``pid`` in clock ticks since boot (Linux /proc; "" elsewhere):
+    with the pid it names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode("utf-8", "replace")
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def this_process() -> dict:
+    """What meta.json records to tell later whether the run's process still exists:
+    ``pid``, ``hostname`` and ``pid_start`` (see :func:`_process_start`)."""
+    return {"pid": os.getpid(), "hostname": socket.gethostname(), "pid_start": _process_start(os.getpid())}
+
+
+def process_gone(meta: dict) -> bool:
+    """True when the process that wrote a "running" meta.json no longer exists: same host, and
+    its pid is free or now belongs to a process started at another time. A run on another host
+    (or with no pid recorded) cannot be checked: False."""
+    pid, host = meta.get("pid"), meta.get("hostname")
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, owned by someone else
+        pass
+    recorded, now = meta.get("pid_start", ""), _process_start(pid)
+    return bool(recorded and now and recorded != now)
+
+
 def read_meta(run_dir: str | os.PathLike) -> dict:
+    """meta.json of a run directory ({} if absent). A "running" status whose process is gone
+    (:func:`process_gone`) reads as "interrupted", with ``status_detail`` saying why."""
     path = Path(run_dir) / "meta.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        meta = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as exc:
+        raise EpbenchError(f"{path}: unreadable meta.json ({exc})") from None
+    if meta.get("status") == RUNNING and process_gone(meta):
+        meta["status"] = INTERRUPTED
+        meta["status_detail"] = (f"process {meta['pid']} on {meta['hostname']} ended without recording how "
+                                 "(killed, or the disk filled up)")
+    return meta
+
+
+def settle_status(run_dir: str | os.PathLike) -> dict:
+    """:func:`read_meta`, and if it found a "running" run whose process is gone, write the
+    corrected status back to meta.json (when the directory is writable; otherwise only the
+    reader sees it). Returns the meta."""
+    meta = read_meta(run_dir)
+    if meta.get("status_detail") and meta.get("status") == INTERRUPTED and "finished" not in meta:
+        try:
+            write_meta(Path(run_dir), {**meta, "finished": "unknown"})
+        except OSError:
+            pass
+    return meta
+
+
+def settle_stale_runs(root: str | os.PathLike) -> list[Path]:
+    """Settle the status (:func:`settle_status`) of every run directory directly under ``root``
+    whose meta.json says "running"; returns those found interrupted."""
+    found = []
+    root = Path(root)
+    if not root.is_dir():
+        return found
+    for meta_path in sorted(root.glob("*/meta.json")):
+        try:
+            if '"running"' not in meta_path.read_text():
+                continue
+            if settle_status(meta_path.parent).get("status") == INTERRUPTED:
+                found.append(meta_path.parent)
+        except (OSError, EpbenchError):
+            continue
+    return found

@@ -6,12 +6,16 @@ The two tasks:
   −∇BPTT(t) (t = 0..K) layer by layer: RelMSE (eq. 67), sign agreement and cosine of the
   cumulative updates, and the first-phase convergence.
 * ``train``: EP and BPTT from the same initial weights (per trial), per-epoch online train
-  error and test error.
+  error and test error, and a verdict per trial and algorithm (:func:`train_status`).
+
+Everything a run needs (backend, data, every experiment's settings, a writable ``--out`` with
+room for the output) is checked by :func:`plan_run` before the run directory exists.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import sys
 import time
@@ -20,10 +24,12 @@ from typing import Callable
 
 import numpy as np
 
-from epbench import __version__, metrics
-from epbench.backend import Backend
-from epbench.errors import BackendUnavailable, EpbenchError
-from epbench.results import git_provenance, new_run_dir, to_frame, write_meta, write_table
+from epbench import __version__, hardware, metrics
+from epbench.backend import Availability, Backend
+from epbench.errors import BackendUnavailable, EpbenchError, signal_number
+from epbench.results import (BYTES_PER_FIGURE, BYTES_PER_ROW, COMPLETE, FAILED, INTERRUPTED, RUNNING,
+                             check_output_dir, fs_error, git_provenance, new_run_dir, this_process, to_frame,
+                             write_meta, write_table)
 from epbench.suites import QUICK, Experiment, Suite, expand_sweeps
 
 SYNTHETIC = "synthetic"
@@ -224,10 +230,49 @@ def run_gdu(backend: Backend, exp: Experiment, trial: int, data: DataCache) -> l
     procs, first_run_s = _timed_gdu(backend, exp, params, x, y)
     run_s = _gdu_run_s(backend, exp, params, x, y, first_run_s)
     rows = gdu_rows(procs, exp.model, exp.process_units)
+    status = "ok" if all(math.isfinite(row["value"]) for row in rows) else "diverged"
     for row in rows:
         row.setdefault("compile_s", procs.timings.get("compile_s", 0.0))
         row.setdefault("run_s", run_s)
+        row.setdefault("status", status)
     return rows
+
+
+# ----- the verdict on a training trial ----------------------------------------------------------
+#: percentage points below chance-level error (100·(1 − 1/n_classes)) that still count as chance.
+#: A network that predicts one class scores 100 − that class's share: 88.6-91.1 % on MNIST's test
+#: set (class shares 8.9-11.4 %), 90 % on mnist-5k; random guessing on 500 test images is 90 ± 1.3
+#: (one std). A network that learned anything is far below: P-1h and EB-1h at the Table 4 rates,
+#: one epoch on 1000 mnist-5k images, test 16-29 %; at 100x those rates they sit at exactly 90.0 %.
+CHANCE_MARGIN = 5.0
+#: a parameter whose magnitude grows beyond this many times the largest initial one has exploded:
+#: P-1h and EB-1h at the Table 4 rates grow by 1.3x in two epochs; at 1000x the rates the largest
+#: magnitude grows by 110-1600x, saturating every unit (σ'(10) ≈ 5e-5) without reaching inf
+EXPLODE_FACTOR = 100.0
+
+
+def chance_threshold(n_classes: int) -> float:
+    """Test error (%) at or above which a trial is at chance level: 100·(1 − 1/n) − CHANCE_MARGIN."""
+    return 100.0 * (1.0 - 1.0 / n_classes) - CHANCE_MARGIN
+
+
+def _largest_magnitude(backend: Backend, spec, params) -> float:
+    return max((float(np.max(np.abs(v))) if np.size(v) else 0.0 for v in backend.to_numpy(spec, params).values()),
+               default=0.0)
+
+
+def train_status(diverged: bool, exploded: bool, final_test_error: float, n_classes: int) -> str:
+    """The verdict on one trial × algorithm after its last epoch, first that applies:
+    ``diverged`` (the backend met NaN/inf in the states or parameters), ``exploded`` (a
+    parameter's magnitude beyond EXPLODE_FACTOR × the largest initial one), ``chance`` (final
+    test error ≥ :func:`chance_threshold`), else ``ok``."""
+    if diverged or not math.isfinite(final_test_error):
+        return "diverged"
+    if exploded:
+        return "exploded"
+    if final_test_error >= chance_threshold(n_classes):
+        return "chance"
+    return "ok"
 
 
 def run_train(backend: Backend, exp: Experiment, data: DataCache, progress: Progress) -> list[list[dict]]:
@@ -245,10 +290,13 @@ def run_train(backend: Backend, exp: Experiment, data: DataCache, progress: Prog
     shape = (-1, *spec.input_shape)
     x_train, x_test = x_train.reshape(shape), x_test.reshape(shape)
     initial = [backend.init_params(spec, seed) for seed in seeds]
+    limits = [EXPLODE_FACTOR * max(float(np.max(np.abs(v))) for v in p.values()) for p in initial]
     rows: list[list[dict]] = [[] for _ in seeds]
     for algorithm in exp.algorithms:
         params = [backend.from_numpy(spec, p, exp.dtype) for p in initial]
-        live = list(range(len(seeds)))  # trials that have not diverged
+        live = list(range(len(seeds)))  # trials that have neither diverged nor exploded
+        diverged, exploded = set(), set()
+        first_row = [len(r) for r in rows]
         for epoch in range(1, train.epochs + 1):
             orders = [epoch_order(x_train.shape[0], seeds[t] * 1_000_003 + epoch) for t in live]
             start = time.perf_counter()
@@ -271,10 +319,32 @@ def run_train(backend: Backend, exp: Experiment, data: DataCache, progress: Prog
                 ]
                 progress(f"{exp.name} trial {t + 1} {algorithm} epoch {epoch}: train {result.train_error:.2f}% "
                          f"test {test_error:.2f}%", 1, 0)
-            live = [t for t, r in zip(live, results) if not r.diverged]
+                if result.diverged:
+                    diverged.add(t)
+                elif _largest_magnitude(backend, spec, result.params) > limits[t]:
+                    exploded.add(t)
+            live = [t for t in live if t not in diverged and t not in exploded]
             if not live:
                 break
+        for t in range(len(seeds)):
+            tests = [r["value"] for r in rows[t][first_row[t]:] if r["metric"] == "test_error"]
+            status = train_status(t in diverged, t in exploded, tests[-1] if tests else float("nan"), spec.n_out)
+            for row in rows[t][first_row[t]:]:
+                row["status"] = status
+            if status != "ok":
+                progress(f"warning: {exp.name} trial {t + 1} {algorithm}: {status}: {status_text(status, spec.n_out)}", 0, 0)
     return rows
+
+
+def status_text(status: str, n_classes: int = 10) -> str:
+    """The rule behind a verdict of :func:`train_status`, with its threshold (messages, report)."""
+    return {
+        "ok": "none of the rules below",
+        "diverged": "NaN or inf in the states or parameters",
+        "exploded": f"a parameter grew beyond {EXPLODE_FACTOR:g}x the largest initial magnitude",
+        "chance": f"final test error ≥ {chance_threshold(n_classes):g} % (chance: "
+                  f"{100 * (1 - 1 / n_classes):g} % for {n_classes} classes)",
+    }.get(status, status)
 
 
 # ----- the run -----------------------------------------------------------------------------
@@ -303,9 +373,71 @@ def resolve_backend(name: str) -> Backend:
     return backend
 
 
-def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
-              progress: Progress = _quiet) -> Path:
-    """Run every experiment of ``suite`` on ``opts.backend``; returns the new run directory."""
+@dataclasses.dataclass
+class RunPlan:
+    """A run checked and ready (:func:`plan_run`): nothing has been written yet."""
+
+    backend: Backend
+    availability: Availability
+    experiments: list[Experiment]
+    skipped: list[dict]
+    reductions: list[str]
+    data: "DataCache"
+    output_bytes: int
+
+
+def check_experiment(exp: Experiment, data: DataCache) -> None:
+    """What an experiment needs from its data, checked before anything runs: the dataset loads
+    (every file check of its loader), its images have ``model.n_in`` pixels and its labels fit
+    ``model.n_out`` outputs; a GDU batch fits in the training set; training has at least one
+    training and one test image."""
+    spec = exp.model
+    if exp.dataset == SYNTHETIC:
+        if exp.task == "train":
+            raise EpbenchError(f"{exp.name}: dataset '{SYNTHETIC}' is the toy model's random input, for gdu "
+                               "experiments only")
+        return
+    split = data.get(exp.dataset)
+    where = f"dataset {exp.dataset} ({split.source})" if split.source else f"dataset {exp.dataset}"
+    pixels = int(np.prod(split.x_train.shape[1:])) if split.x_train.ndim > 1 else 0
+    if split.n_train and pixels != spec.n_in:
+        raise EpbenchError(f"{exp.name}: model.n_in is {spec.n_in} but the images of {where} have {pixels} pixels")
+    for part in ("train", "test"):
+        labels = getattr(split, f"y_{part}")
+        if len(labels) and int(labels.max()) >= spec.n_out:
+            raise EpbenchError(f"{exp.name}: {where} has label {int(labels.max())} but the model has "
+                               f"{spec.n_out} outputs (model.n_out)")
+    if exp.task == "gdu" and split.n_train < exp.batch_size:
+        raise EpbenchError(f"{exp.name}: batch_size {exp.batch_size} but {where} has {split.n_train} training "
+                           "images")
+    if exp.task == "train":
+        for part, n in (("training", split.n_train), ("test", split.n_test)):
+            if n == 0:
+                raise EpbenchError(f"{exp.name}: {where} has no {part} images")
+
+
+def estimate_output_bytes(experiments: list[Experiment]) -> int:
+    """An upper estimate of a run's output: its table rows (gdu: 4 metrics per layer and
+    parameter, the sampled processes, the convergence; train: 4 metrics per trial, algorithm
+    and epoch) at BYTES_PER_ROW, one figure per experiment at BYTES_PER_FIGURE, and 1 MiB for the
+    report, meta.json and suite.yaml."""
+    rows, figures = 0, 1
+    for exp in experiments:
+        spec = exp.model
+        if exp.task == "gdu":
+            layers = len(spec.state_names) + len(spec.param_shapes)
+            rows += exp.trials * (layers * (4 + 2 * exp.process_units * (exp.phase.K + 1)) + 1)
+        else:
+            rows += exp.trials * len(exp.algorithms) * exp.train.epochs * 4
+        figures += 1
+    return rows * BYTES_PER_ROW + figures * BYTES_PER_FIGURE + (1 << 20)
+
+
+def plan_run(suite: Suite, opts: RunOptions) -> RunPlan:
+    """Check everything a run needs before its directory exists: the backend is available, the
+    options apply (``--only`` names exist), every runnable experiment's data loads and fits it
+    (:func:`check_experiment`), and ``--out`` is writable with room for the estimated output
+    (:func:`estimate_output_bytes`). Raises :class:`EpbenchError`; writes nothing."""
     backend = resolve_backend(opts.backend)
     avail = backend.availability(probe=True)
     cpu = "cpu" in (avail.device or "cpu").lower()
@@ -319,7 +451,27 @@ def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
             skipped.append({"experiment": exp.name, "reason": reason})
         else:
             runnable.append(exp)
-    for item in skipped:
+    data = DataCache(opts.data_dir)
+    for exp in runnable:
+        check_experiment(exp, data)
+    need = estimate_output_bytes(runnable)
+    check_output_dir(opts.out, need)
+    return RunPlan(backend, avail, runnable, skipped, reductions, data, need)
+
+
+def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
+              progress: Progress = _quiet, on_start: Callable[[Path], None] | None = None) -> Path:
+    """Run every experiment of ``suite`` on ``opts.backend``; returns the new run directory.
+
+    :func:`plan_run` checks everything first; then the directory is created (``on_start`` is
+    called with it) and meta.json records ``status`` "running" with this process's pid and
+    host, and finally "complete", "interrupted" (SIGINT/SIGTERM: the KeyboardInterrupt goes on,
+    with ``run_dir`` set) or "failed" (an error: a filesystem error becomes an
+    :class:`EpbenchError` naming the path and the cause). The rows of finished experiments are
+    kept in every case."""
+    plan = plan_run(suite, opts)
+    backend, avail, runnable = plan.backend, plan.availability, plan.experiments
+    for item in plan.skipped:
         progress(f"skipping {item['experiment']}: {item['reason']}", 0, 0)
 
     run_dir = new_run_dir(opts.out, suite.name, opts.backend)
@@ -329,56 +481,91 @@ def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
         "run_id": run_dir.name, "epbench_version": __version__, "git_commit": commit, "git_dirty": dirty,
         "suite": suite.name, "suite_hash": suite_hash, "backend": backend.name, "framework": backend.framework,
         "framework_version": backend.framework_version(), "device": avail.device, "start_time": started,
+        **hardware.columns(backend.framework, avail.device),
     }
     meta = {
         **provenance, "suite_path": str(suite_path), "command": opts.command, "started": started,
-        "quick": opts.quick, "overrides": list(opts.overrides), "reductions": reductions, "skipped": skipped,
-        "host": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-                 "python": sys.version.split()[0], "cores": _cores()},
-        "status": "running",
+        "quick": opts.quick, "overrides": list(opts.overrides), "reductions": plan.reductions,
+        "skipped": plan.skipped,
+        "host": {"platform": platform.platform(), "python": sys.version.split()[0], "cores": _cores(),
+                 **hardware.columns(backend.framework, avail.device)},
+        **this_process(), "status": RUNNING,
     }
-    write_meta(run_dir, meta)
-    write_suite_as_run(run_dir, suite, runnable)
-    data = DataCache(opts.data_dir)
     rows: list[dict] = []
-    total = sum(e.trials for e in runnable)
-    done = 0
     try:
-        for exp in runnable:
-            if exp.task == "train":  # all trials together (a backend may batch them)
-                which = f"trials 1-{exp.trials}" if exp.trials > 1 else "trial 1/1"
-                progress(f"{exp.name} (train) {which}", done, total)
-                start = time.perf_counter()
-                per_trial = run_train(backend, exp, data, progress)
-                wall = (time.perf_counter() - start) / exp.trials
-                for trial, new in enumerate(per_trial):
-                    columns = experiment_columns(exp, trial)
-                    rows += [{**provenance, **columns, **row, "wall_time_s": wall} for row in new]
-                write_table(run_dir, to_frame(rows))
-                done += exp.trials
-                progress(f"{exp.name} {exp.trials} trial(s) done in {wall * exp.trials:.1f} s", done, total)
-                continue
-            for trial in range(exp.trials):
-                progress(f"{exp.name} ({exp.task}) trial {trial + 1}/{exp.trials}", done, total)
-                start = time.perf_counter()
-                new = run_gdu(backend, exp, trial, data)
-                wall = time.perf_counter() - start
-                columns = experiment_columns(exp, trial)
-                for row in new:
-                    rows.append({**provenance, **columns, **row, "wall_time_s": wall})
-                write_table(run_dir, to_frame(rows))
-                done += 1
-                progress(f"{exp.name} trial {trial + 1} done in {wall:.1f} s", done, total)
-        meta["status"] = "complete"
-    except KeyboardInterrupt:
-        meta["status"] = "interrupted"
+        if on_start is not None:
+            on_start(run_dir)
+        write_meta(run_dir, meta)
+        write_suite_as_run(run_dir, suite, runnable)
+        _run_experiments(backend, runnable, plan.data, provenance, rows, run_dir, progress)
+        meta["status"] = COMPLETE
+    except KeyboardInterrupt as exc:
+        meta["status"], meta["signal"] = INTERRUPTED, _signal_name(signal_number(exc))
+        exc.run_dir = run_dir
+        raise
+    except OSError as exc:
+        meta["status"], meta["error"] = FAILED, f"{exc.strerror or exc}"
+        raise fs_error(run_dir, exc) from None
+    except BaseException as exc:
+        meta["status"], meta["error"] = FAILED, f"{type(exc).__name__}: {exc}"
         raise
     finally:
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        if rows:
-            write_table(run_dir, to_frame(rows))
-        write_meta(run_dir, meta)
+        meta["implementation"] = {row["experiment"]: row["implementation"] for row in rows}
+        meta["rows"] = len(rows)
+        try:
+            if rows and meta["status"] != COMPLETE:
+                write_table(run_dir, to_frame(rows))
+        except OSError:
+            pass  # the table of the last finished experiment is on disk already
+        try:
+            write_meta(run_dir, meta)
+        except OSError:
+            pass  # a full disk: the "running" status left behind reads as interrupted once this process ends
     return run_dir
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+def _run_experiments(backend: Backend, runnable: list[Experiment], data: DataCache, provenance: dict,
+                     rows: list[dict], run_dir: Path, progress: Progress) -> None:
+    """Run the experiments in order, appending to ``rows`` and rewriting the table after each."""
+    total = sum(e.trials for e in runnable)
+    done = 0
+    for exp in runnable:
+        if exp.task == "train":  # all trials together (a backend may batch them)
+            which = f"trials 1-{exp.trials}" if exp.trials > 1 else "trial 1/1"
+            progress(f"{exp.name} (train) {which}", done, total)
+            start = time.perf_counter()
+            per_trial = run_train(backend, exp, data, progress)
+            wall = (time.perf_counter() - start) / exp.trials
+            ran = {"implementation": backend.pop_implementation()}
+            for trial, new in enumerate(per_trial):
+                columns = experiment_columns(exp, trial)
+                rows += [{**provenance, **ran, **columns, **row, "wall_time_s": wall} for row in new]
+            write_table(run_dir, to_frame(rows))
+            done += exp.trials
+            progress(f"{exp.name} {exp.trials} trial(s) done in {wall * exp.trials:.1f} s", done, total)
+            continue
+        for trial in range(exp.trials):
+            progress(f"{exp.name} ({exp.task}) trial {trial + 1}/{exp.trials}", done, total)
+            start = time.perf_counter()
+            new = run_gdu(backend, exp, trial, data)
+            wall = time.perf_counter() - start
+            ran = {"implementation": backend.pop_implementation()}
+            columns = experiment_columns(exp, trial)
+            for row in new:
+                rows.append({**provenance, **ran, **columns, **row, "wall_time_s": wall})
+            write_table(run_dir, to_frame(rows))
+            done += 1
+            progress(f"{exp.name} trial {trial + 1} done in {wall:.1f} s", done, total)
 
 
 def write_suite_as_run(run_dir: Path, suite: Suite, experiments: list[Experiment]) -> None:

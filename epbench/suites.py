@@ -184,9 +184,22 @@ def build_suite(raw: dict, path: str, assignments: list[tuple[str, Any]] = ()) -
             merged.append(exp)
         raw["experiments"] = merged
     try:
-        return Suite.model_validate(raw)
+        suite = Suite.model_validate(raw)
     except ValidationError as err:
         raise EpbenchError(_format_error(path, err, raw)) from None
+    check_unique_names(suite, path)
+    return suite
+
+
+def check_unique_names(suite: Suite, path: str) -> None:
+    """Every experiment needs its own name: results, report rows and ``--only`` go by name.
+    Positions are counted from 1, as a reader counts the list."""
+    first: dict[str, int] = {}
+    for position, exp in enumerate(suite.experiments, start=1):
+        if exp.name in first:
+            raise EpbenchError(f"{path}: experiments {first[exp.name]} and {position} are both named "
+                               f"'{exp.name}' (each experiment needs its own name)")
+        first[exp.name] = position
 
 
 def load_suite(path: str | os.PathLike, assignments: list[tuple[str, Any]] = ()) -> tuple[Suite, str]:

@@ -185,7 +185,7 @@ class IdxDataset(Dataset):
             if labels.size and labels.max() >= self.n_classes:
                 raise DatasetError(f"{paths[f'{part}_labels']}: label {labels.max()} out of range "
                                    f"0..{self.n_classes - 1}")
-            x = images.reshape(len(images), -1).astype(np.float32)
+            x = images.reshape(len(images), IMAGE_SHAPE[0] * IMAGE_SHAPE[1]).astype(np.float32)
             x /= 255.0
             arrays[part] = (x, labels.astype(np.int64))
         return Split(*arrays["train"], *arrays["test"], source=os.path.dirname(paths["train_images"]),
