@@ -18,6 +18,10 @@ Processes (:class:`GDUProcesses`) follow appendix eqs 29-33 with index t = 0..K:
   ``ep_theta[p][0] = 0``; ``ep_scale = spec.ep_scale(β)``.
 
 Theorem 1: ``ep_* → −bptt_*`` as β → 0 when F = ∂Φ/∂s.
+
+Reporting: after the calls of an experiment the runner asks :meth:`Backend.pop_implementation`
+which implementation ran them (e.g. ``xla-loop`` or ``fused-cpp`` on jax-cpu, ``eager``), and
+records it on every row.
 """
 
 from __future__ import annotations
@@ -169,6 +173,15 @@ class Backend(ABC):
         """Test error in % (argmax of s0 after the first phase)."""
 
     # ----- optional -----------------------------------------------------------------------
+    def pop_implementation(self) -> str:
+        """Which implementation ran the calls made since the previous ``pop_implementation()``
+        (the record then starts afresh), for the results' ``implementation`` column: the runner
+        pops it before and after each experiment, ``epbench bench`` after each measurement. A
+        backend that can run a call in more than one way says which one it used (jax-cpu:
+        ``fused-cpp``, ``xla-loop``, or both joined by "+"); the default is the framework's name
+        (``"default"`` without one), for a backend with one way of running each call."""
+        return self.framework or "default"
+
     def synchronize(self) -> None:
         """Wait for queued device work (for honest timings)."""
 

@@ -64,12 +64,12 @@ class Prepared:
         return self.F(self.psl, self.d, s, nudge)
 
     def run(self, s, n: int, nudge=None):
-        """n steps of :meth:`step` from s: one fused kernel call where that is on and handles
-        the model (synchronous steps only), else an XLA loop."""
+        """n steps of :meth:`step` from s: one fused kernel call where that is on and
+        ``native.chosen`` picks it for this phase (synchronous steps only), else an XLA loop."""
         if n <= 0:
             return s
-        if (_FUSED.get() and self.F.func is M.step and native.handles(self.spec, self.dtype)
-                and native.available()):
+        if _FUSED.get() and self.F.func is M.step and native.chosen(self.spec, self.dtype, self.batch, n,
+                                                                    nudge is not None):
             return native.phase(self.spec, self.psl, self.d, s, n, nudge)
         unroll = min(_unroll(self.spec), n) if nudge is None else 1
         return lax.fori_loop(0, n, lambda _, z: self.step(z, nudge), s, unroll=unroll)

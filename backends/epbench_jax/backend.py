@@ -4,8 +4,10 @@ Importing this module does not import JAX: every method imports it lazily. float
 the scoped ``jax.enable_x64`` switch, so the rest of the process keeps JAX's float32 default.
 Each program (a whole phase or algorithm) is compiled once per (program, spec, step counts,
 argument shapes and dtypes) and cached; compilation is timed apart from the run. On the CPU, the
-phases of the one-hidden-layer models in float32 run as one call of a fused kernel
-(:mod:`epbench_jax.native`; ``EPBENCH_JAX_NATIVE=0`` keeps the XLA loop).
+phases of the one-hidden-layer models in float32 run as one call of a fused kernel where that is
+faster on this machine, measured once and remembered (:mod:`epbench_jax.native`;
+``EPBENCH_JAX_NATIVE=1`` forces the kernel, ``=0`` the XLA loop); :meth:`JaxBackend.pop_implementation`
+reports which ran.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class JaxBackend(Backend):
         self.batch_trials = os.environ.get("EPBENCH_BATCH_TRIALS", "") == "1"
         #: timings of the latest call ({"compile_s", "run_s"})
         self.last_timings: dict[str, float] = {}
+        #: implementations of the phases run since the last pop_implementation()
+        self._implementations: set[str] = set()
 
     def __repr__(self) -> str:
         return f"JaxBackend({self.platform!r})"
@@ -100,6 +104,13 @@ class JaxBackend(Backend):
             self._dev = _jax().devices(self.platform)[0]
         return self._dev
 
+    def pop_implementation(self) -> str:
+        """``xla-loop``, ``fused-cpp`` or ``fused-cpp+xla-loop``: how the phases of the calls
+        since the previous call ran (``native.chosen``; a program without a phase the kernel
+        handles counts as ``xla-loop``). ``xla-loop`` when nothing ran."""
+        used, self._implementations = self._implementations, set()
+        return "+".join(sorted(used)) or "xla-loop"
+
     # ----- helpers ----------------------------------------------------------------------------
     @staticmethod
     def _x64(dtype: str):
@@ -133,17 +144,19 @@ class JaxBackend(Backend):
         from epbench_jax.algorithms import fused_phases
 
         jax = _jax()
-        fused = self.platform == "cpu" and native.enabled_by_user()
+        how = native.mode() if self.platform == "cpu" else "loop"
         leaves, tree = jax.tree.flatten(args)
-        sig = (key, self.platform, fused, tree, tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves))
+        sig = (key, self.platform, how, tree, tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves))
         compile_s = 0.0
-        exe = self._cache.get(sig)
-        if exe is None:
+        cached = self._cache.get(sig)
+        if cached is None:
             t0 = time.perf_counter()
-            with fused_phases(fused):
+            with fused_phases(how != "loop"), native.recording() as used:
                 exe = jax.jit(build()).lower(*args).compile()
             compile_s = time.perf_counter() - t0
-            self._cache[sig] = exe
+            cached = self._cache[sig] = (exe, used or {native.LOOP})
+        exe, implementation = cached
+        self._implementations |= implementation
         t0 = time.perf_counter()
         out = jax.block_until_ready(exe(*args))
         timings = {"compile_s": compile_s, "run_s": time.perf_counter() - t0}

@@ -7,102 +7,73 @@ with its states in L1 cache, and shares the samples among XLA's intra-op threads
 independent until the update). Same equations as ``models.step`` (float32 only; float64 and
 every other model keep the XLA loop).
 
+Which one runs a phase the kernel handles (:func:`chosen`), by ``EPBENCH_JAX_NATIVE``:
+
+* unset: the faster one on this machine, measured the first time the phase is met and stored
+  (:mod:`.choice`);
+* ``1``: the kernel; ``0``: the XLA loop.
+
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``,
-``g++``) for this CPU, against the FFI headers that jaxlib ships, and cached under
-``$EPBENCH_CACHE`` (default ``~/.cache/epbench``). Without a compiler, or with
-``EPBENCH_JAX_NATIVE=0``, the backend uses the XLA loop: the same results to float32
-rounding, slower.
+``g++``) for this CPU, against the FFI headers that jaxlib ships, and cached, checksummed, in a
+private folder under ``$EPBENCH_CACHE`` (default ``~/.cache/epbench``; :mod:`.build`). Where it
+cannot be built or loaded, the backend warns once and uses the XLA loop: the same results to
+float32 rounding. Each compiled program records which ran (:func:`recording`), and the backend
+reports it (``xla-loop``, ``fused-cpp``) in the results' ``implementation`` column.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
-import hashlib
 import logging
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
+import warnings
 
 import numpy as np
 
+from epbench.errors import EpbenchError
 from epbench.spec import ModelSpec
+from epbench_jax.native import build, choice
+from epbench_jax.native.choice import KERNEL, LOOP
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("one_hidden.cc")
 TARGET = "epbench_one_hidden_phase"
 ACTIVATIONS = {"sigmoid": 0, "hard_sigmoid": 1}
-CXXFLAGS = ["-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC", "-w"]
-# linked without -ffast-math, which would set flush-to-zero for the whole process on load
-LDFLAGS = ["-shared"]
-LIBS = ["-lm"]
+#: EPBENCH_JAX_NATIVE values: unset (or empty) measures, "1" forces the kernel, "0" the XLA loop
+MODES = {"": "measure", "1": "kernel", "0": "loop"}
 
 _lock = threading.Lock()
 _state: dict = {}
+_choices: dict = {}
+#: while a program is traced: the implementations its phases use (see :func:`recording`)
+_RECORD: contextvars.ContextVar = contextvars.ContextVar("epbench_native_record", default=None)
 
 
-def enabled_by_user() -> bool:
-    return os.environ.get("EPBENCH_JAX_NATIVE", "1") != "0"
+class KernelWarning(UserWarning):
+    """The fused kernel could not be built or loaded: the XLA loop runs instead."""
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _cpu_fingerprint() -> str:
-    """-march=native code is for this CPU only: the cache key includes its model and flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(keep)))
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("EPBENCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "epbench")
-    return Path(root) / "native"
-
-
-def _build(cxx: str, include: str) -> Path:
-    """Compile (once per source, flags, compiler, jaxlib and CPU) and return the library path."""
-    import jaxlib
-
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(CXXFLAGS + LDFLAGS + LIBS), cxx,
-                                     jaxlib.__version__, platform.machine(), _cpu_fingerprint()]).encode())
-    out = cache_dir() / f"one_hidden-{key.hexdigest()[:16]}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        obj, lib = Path(tmp) / "one_hidden.o", Path(tmp) / "one_hidden.so"
-        for cmd in ([cxx, *CXXFLAGS, f"-I{include}", "-c", str(SOURCE), "-o", str(obj)],
-                    [cxx, *LDFLAGS, str(obj), "-o", str(lib), *LIBS]):
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd[:2])} ... failed: {done.stderr.strip()[-500:]}")
-        os.replace(lib, out)
-    return out
+def mode() -> str:
+    """``measure``, ``kernel`` or ``loop``, from ``EPBENCH_JAX_NATIVE``."""
+    value = os.environ.get("EPBENCH_JAX_NATIVE", "").strip()
+    if value not in MODES:
+        raise EpbenchError(f"EPBENCH_JAX_NATIVE must be 1 (fused kernel), 0 (XLA loop) or unset (the faster, "
+                           f"measured), not {value!r}")
+    return MODES[value]
 
 
 def available() -> bool:
-    """Whether the kernel is built and registered with XLA (building it on first call)."""
+    """Whether the kernel is built and registered with XLA (building it on first call). A
+    failure to build or load it is warned about once."""
     with _lock:
         if "ok" in _state:
             return _state["ok"]
         _state["ok"] = False
-        if not enabled_by_user():
-            _state["reason"] = "EPBENCH_JAX_NATIVE=0"
-            return False
-        cxx = _compiler()
+        cxx = build.compiler()
         if cxx is None or platform.system() != "Linux":
             _state["reason"] = "no C++ compiler found" if cxx is None else f"not built on {platform.system()}"
             log.info("jax-cpu: fused one-hidden-layer kernel unavailable (%s); using XLA loops", _state["reason"])
@@ -110,20 +81,50 @@ def available() -> bool:
         try:
             import jax
 
-            path = _build(cxx, jax.ffi.include_dir())
+            path = build.library(cxx, jax.ffi.include_dir())
             lib = ctypes.cdll.LoadLibrary(str(path))
             jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.EpbenchOneHiddenPhase), platform="cpu")
         except (OSError, RuntimeError, AttributeError) as exc:
             _state["reason"] = str(exc)
-            log.warning("jax-cpu: fused one-hidden-layer kernel unavailable (%s); using XLA loops", exc)
+            warnings.warn(f"jax-cpu: fused one-hidden-layer kernel unavailable ({exc}); using XLA loops",
+                          KernelWarning, stacklevel=2)
             return False
         _state["lib"] = lib
+        _state["path"] = path
         _state["ok"] = True
         return True
 
 
 def unavailable_reason() -> str | None:
     return None if available() else _state.get("reason")
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect, while a program is traced, the implementations (``fused-cpp``, ``xla-loop``)
+    that :func:`chosen` picks for its phases; yields the set."""
+    used: set[str] = set()
+    token = _RECORD.set(used)
+    try:
+        yield used
+    finally:
+        _RECORD.reset(token)
+
+
+def chosen(spec: ModelSpec, dtype, batch: int, steps: int, nudged: bool) -> bool:
+    """Whether a phase of ``steps`` steps (``nudged`` or free) on ``batch`` samples runs as one
+    kernel call: only where the kernel handles the model and is available, then by
+    :func:`mode` (measured: :func:`choice.decide`). Records the implementation picked."""
+    if not handles(spec, dtype):
+        return False
+    how = mode()
+    use = how != "loop" and available()
+    if use and how == "measure":
+        use = choice.decide(_state["path"], spec, batch, steps, nudged, _choices) == KERNEL
+    used = _RECORD.get()
+    if used is not None:
+        used.add(KERNEL if use else LOOP)
+    return use
 
 
 def handles(spec: ModelSpec, dtype) -> bool:
