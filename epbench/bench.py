@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from epbench import flops as flopcount
+from epbench import hardware
 from epbench.presets import table4
 from epbench.spec import alternation_problem
 
@@ -121,11 +122,15 @@ def useful_flops(model: str, algorithm: str, batch_size: int = 20, alternate: bo
 
 def _rows(backend, model: str, spec, phase, algorithm: str, batch: int, peak: float, gflops: float,
           measured: dict[str, float]) -> list[dict]:
-    """Results rows of one measurement: ``measured`` metrics, then GFLOP/s, peak and fraction."""
+    """Results rows of one measurement, made right after it: ``measured`` metrics, then GFLOP/s,
+    peak and fraction; the implementation that ran it (``backend.pop_implementation()``) and
+    the hardware (:func:`epbench.hardware.columns`)."""
     base = {"experiment": model, "task": "bench", "model": spec.kind, "model_desc": spec.describe(),
             "flavor": spec.flavor, "dtype": "float32", "T": phase.T, "K": phase.K, "beta": phase.beta,
             "alternate": phase.alternate, "batch_size": batch, "algorithm": algorithm, "backend": backend.name,
-            "framework": backend.framework, "framework_version": backend.framework_version()}
+            "framework": backend.framework, "framework_version": backend.framework_version(),
+            "implementation": backend.pop_implementation(),
+            **hardware.columns(backend.framework, backend.availability(probe=False).device)}
     values = {**measured, "gflops": gflops, "peak_gflops": peak, "peak_fraction": gflops / peak}
     return [{**base, "metric": metric, "value": value} for metric, value in values.items()]
 
@@ -152,10 +157,12 @@ def bench_rows(backend, models=BENCH_MODELS, algorithms=("ep", "bptt", "gdu"), b
             seconds = time_per_batch(backend, model, algorithm, batches=batches, alternate=alternate)
             work = useful_flops(model, algorithm, alternate=alternate)
             gflops = work / seconds / 1e9
-            rows += _rows(backend, model, spec, phase, algorithm, 20, peak, gflops,
-                          {"seconds_per_batch": seconds, "seconds_per_sample": seconds / 20, "flops_per_batch": work})
+            made = _rows(backend, model, spec, phase, algorithm, 20, peak, gflops,
+                         {"seconds_per_batch": seconds, "seconds_per_sample": seconds / 20, "flops_per_batch": work})
+            rows += made
             progress(f"{backend.name:<10} {model:<7} {algorithm:<5} {seconds * 1e3:9.2f} ms/batch "
-                     f"{work / 1e6:9.1f} MFLOP {gflops:8.1f} GFLOP/s {100 * gflops / peak:6.1f}% of {peak:.0f}")
+                     f"{work / 1e6:9.1f} MFLOP {gflops:8.1f} GFLOP/s {100 * gflops / peak:6.1f}% of {peak:.0f} "
+                     f"[{made[0]['implementation']}]")
     return rows
 
 
@@ -176,8 +183,10 @@ def step_rows(backend, models=BENCH_MODELS, batch_sizes=STEP_BATCHES,
             seconds = time_per_step(backend, model, batch)
             work = flopcount.step_flops(spec, batch)
             gflops = work / seconds / 1e9 if seconds > 0 else float("nan")
-            rows += _rows(backend, model, spec, phase, "first-phase-step", batch, peak, gflops,
-                          {"seconds_per_step": seconds, "flops_per_step": work})
+            made = _rows(backend, model, spec, phase, "first-phase-step", batch, peak, gflops,
+                         {"seconds_per_step": seconds, "flops_per_step": work})
+            rows += made
             progress(f"{backend.name:<10} {model:<7} step batch {batch:<3d} {seconds * 1e6:9.2f} µs/step "
-                     f"{work / 1e6:7.3f} MFLOP {gflops:8.1f} GFLOP/s {100 * gflops / peak:6.1f}% of {peak:.0f}")
+                     f"{work / 1e6:7.3f} MFLOP {gflops:8.1f} GFLOP/s {100 * gflops / peak:6.1f}% of {peak:.0f} "
+                     f"[{made[0]['implementation']}]")
     return rows

@@ -37,7 +37,11 @@ status             the verdict on the measurement: ``ok``; training (per trial x
 compile_s, run_s   backend timings of the measurement (compile excluded from run; a GDU
                    measurement under 0.5 s is run up to 5 times and run_s is the fastest)
 provenance         run_id, epbench_version, git_commit, git_dirty, suite, suite_hash,
-                   backend, framework, framework_version, device, start_time,
+                   backend, framework, framework_version, device, start_time;
+                   implementation (how the backend ran the experiment, its
+                   ``pop_implementation()``: e.g. ``xla-loop`` or ``fused-cpp`` on jax-cpu);
+                   cpu_model, cpu_flags (vector extensions), gpu_name, gpu_driver,
+                   cuda_version (empty off a GPU): :mod:`epbench.hardware`;
                    wall_time_s (of the whole experiment x trial; the trials of a training
                    experiment run together, each gets an equal share, as does epoch_time_s)
 =================  ==============================================================
@@ -67,7 +71,8 @@ COLUMNS = [
     "T", "K", "beta", "symmetric", "alternate", "lrs", "epochs", "batch_size", "trial", "seed", "algorithm",
     "metric", "layer", "quantity", "epoch", "t", "unit", "value", "status", "compile_s", "run_s", "wall_time_s",
     "epbench_version", "git_commit", "git_dirty", "suite", "suite_hash", "backend", "framework",
-    "framework_version", "device", "start_time",
+    "framework_version", "device", "implementation", "cpu_model", "cpu_flags", "gpu_name", "gpu_driver",
+    "cuda_version", "start_time",
 ]
 INT_COLUMNS = ["T", "K", "epochs", "batch_size", "trial", "seed", "epoch", "t", "unit"]
 
