@@ -63,8 +63,10 @@ def _registry():
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False),
               help="Folder under which the run directory is created.")
 @click.option("--no-report", is_flag=True, help="Do not render report.md and figures.")
+@click.option("--svg", is_flag=True, help="Save the figures as SVG too (PNG only by default).")
 @click.pass_context
-def run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, include_heavy, assignments, out, no_report):
+def run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, include_heavy, assignments, out, no_report,
+        svg):
     """Run SUITE (a YAML file, or the name of a bundled suite such as table3).
 
     Everything is checked before the run directory is created; its path is printed when it is.
@@ -80,13 +82,13 @@ def run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, inc
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, include_heavy, assignments, out,
-             no_report)
+             no_report, svg)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 def _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, include_heavy, assignments, out,
-         no_report):
+         no_report, svg=False):
     from epbench.errors import RunInterrupted, signal_number
     from epbench.results import settle_stale_runs
     from epbench.runner import RunOptions
@@ -116,8 +118,12 @@ def _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, in
         run_dir = _run_with_progress(loaded, str(path), digest, opts, verbose, started)
         if not no_report:
             from epbench.report import render_report
+            from epbench.results import fs_error
 
-            report = render_report(run_dir)
+            try:
+                report = render_report(run_dir, svg=svg)
+            except OSError as exc:
+                raise fs_error(run_dir, exc, "cannot write the report") from None
             if verbose >= 0:
                 click.echo(f"report: {report}")
         click.echo(str(run_dir))
@@ -315,7 +321,8 @@ def check(name, reference, quick, show_all):
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
-def report(run_dir):
+@click.option("--svg", is_flag=True, help="Save the figures as SVG too (PNG only by default).")
+def report(run_dir, svg):
     """Re-render RUN_DIR's report.md and figures from its results table."""
     from pathlib import Path
 
@@ -334,7 +341,7 @@ def report(run_dir):
                    + (f" ({meta['status_detail']})" if meta.get("status_detail") else "")
                    + "; the report shows the experiments that finished", err=True)
     try:
-        click.echo(str(render_report(path)))
+        click.echo(str(render_report(path, svg=svg)))
     except OSError as exc:
         from epbench.results import fs_error
 

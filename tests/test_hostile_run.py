@@ -292,6 +292,26 @@ def test_disk_full_during_the_run(tmp_path, capsys, monkeypatch):
     assert meta["status"] == "failed" and meta["error"] == "No space left on device"
 
 
+def test_disk_full_while_writing_the_report(tmp_path, capsys, monkeypatch):
+    """The results are complete and say so; the report could not be written (simulated ENOSPC)."""
+    import epbench.results as results
+
+    real = results.atomic_write_bytes
+
+    def full_disk(path, data):
+        if path.name == "report.md":
+            raise OSError(28, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(results, "atomic_write_bytes", full_disk)
+    out = tmp_path / "results"
+    rc, _, lines = run_main(capsys, "-q", "run", str(suite_file(tmp_path, gdu())), "--out", str(out))
+    (run_dir,) = run_dirs(out)
+    assert_one_error(rc, lines, f"{run_dir / 'report.md'}: cannot write the report: No space left on device",
+                     f"run directory {run_dir}: status complete; `epbench report {run_dir}` renders")
+    assert meta_of(run_dir)["status"] == "complete"
+
+
 def test_long_names_are_shortened_for_files_only(tmp_path, capsys):
     long_a, long_b = "g" * 240 + "-a", "g" * 240 + "-b"
     suite = suite_file(tmp_path, gdu(long_a), gdu(long_b), name="s" * 300)
