@@ -1,9 +1,11 @@
 """Figures of a run, drawn from the tidy results table (see :mod:`epbench.results`).
 
 Every function takes the table (already filtered as needed) and an output path stem, saves
-``<stem>.png`` and ``<stem>.svg`` and returns the :class:`matplotlib.figure.Figure`. Figures are
-built without pyplot (Agg canvas, no global state), so they work headless and in threads;
-``close=True`` empties the figure after saving to free its memory at once.
+``<stem>.png`` (and ``<stem>.svg`` with ``formats=("png", "svg")``) and returns the
+:class:`matplotlib.figure.Figure`. Figures are built without pyplot (Agg canvas, no global
+state), so they work headless and in threads; ``close=True`` empties the figure after saving to
+free its memory at once. Drawing is kept cheap: PNG only unless SVG is asked for, and fixed
+margins in inches instead of a layout engine (which measures every text before drawing).
 
 Data lines carry ``gid='data'``; faint reference lines ``gid='reference'``.
 """
@@ -33,27 +35,57 @@ RELMSE_LABEL = "RelMSE(ΔEP, −∇BPTT) (ratio of RMS norms)"
 
 
 # ----- helpers ----------------------------------------------------------------------------------
+#: what a figure is saved as unless asked otherwise (SVG on request: it costs as much again)
+FORMATS: tuple[str, ...] = ("png",)
+DPI = 100
+
+
 def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
-def save_figure(fig: Figure, stem: str | os.PathLike, close: bool = False) -> list[Path]:
-    """Write ``stem.png`` and ``stem.svg`` atomically (deterministic SVG); return the paths."""
+def _grid(fig: Figure, nrows: int, ncols: int, *, left: float = 0.8, right: float = 0.25,
+          top: float = 0.6, bottom: float = 0.55, wgap: float = 0.8, hgap: float = 0.8):
+    """An (nrows, ncols) GridSpec with fixed margins and gaps in inches."""
+    width, height = fig.get_size_inches()
+    axes_w = max(0.1, (width - left - right - (ncols - 1) * wgap) / ncols)
+    axes_h = max(0.1, (height - top - bottom - (nrows - 1) * hgap) / nrows)
+    return fig.add_gridspec(nrows, ncols, left=left / width, right=1 - right / width, bottom=bottom / height,
+                            top=1 - top / height, wspace=wgap / axes_w, hspace=hgap / axes_h)
+
+
+def _subplots(fig: Figure, nrows: int, ncols: int, **margins):
+    """An (nrows, ncols) array of axes laid out by :func:`_grid`."""
+    return _grid(fig, nrows, ncols, **margins).subplots(squeeze=False)
+
+
+def save_figure(fig: Figure, stem: str | os.PathLike, close: bool = False,
+                formats: tuple[str, ...] = FORMATS) -> list[Path]:
+    """Write ``stem.<format>`` for each of ``formats`` (png, svg) atomically (SVG deterministic);
+    return the paths."""
     stem = Path(stem)
+    meta = {"png": {"Software": None}, "svg": {"Date": None}}
     paths = []
     with matplotlib.rc_context({"svg.hashsalt": "epbench", "svg.fonttype": "path"}):
-        for fmt, meta in (("png", {"Software": None}), ("svg", {"Date": None})):
+        for fmt in formats:
             buffer = io.BytesIO()
-            fig.savefig(buffer, format=fmt, metadata=meta)
-            fig.set_layout_engine("none")  # keep the layout of the first drawing (saves a pass)
+            fig.savefig(buffer, format=fmt, metadata=meta[fmt])
             path = stem.with_name(stem.name + "." + fmt)
             atomic_write_bytes(path, buffer.getvalue())
             paths.append(path)
-    if close:
-        fig.clear()
+    if close:  # drop the axes without Figure.clear(), which first resets each of them (slow)
+        for ax in tuple(fig.axes):
+            fig.delaxes(ax)
+        fig.legends.clear()
     return paths
+
+
+def _title(ax, text: str, **kw) -> None:
+    """An axes title at a fixed height (matplotlib otherwise measures the tick labels of every
+    axes at each drawing to place it)."""
+    ax.set_title(text, y=1.0, pad=5, **kw)
 
 
 def _values(df: pd.DataFrame, column: str) -> list:
@@ -120,19 +152,23 @@ def sort_layers(names) -> list[str]:
 
 
 # ----- training curves (Figs 17-22) -----------------------------------------------------------
-def training_curves(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False) -> Figure:
+def training_curves(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False,
+                    formats: tuple[str, ...] = FORMATS) -> Figure:
     """Train and test error (%) per epoch, mean ± std over trials, EP beside BPTT.
 
-    One row per experiment (variant), columns train | test; each axes holds one line per algorithm.
+    One row per experiment (variant), columns train | test; each axes holds one line per
+    algorithm. A run of a single epoch has no curve to show: :func:`final_error_bars` instead.
     """
     df = df[df["metric"].isin(["train_error", "test_error"])]
+    if df.empty or df["epoch"].nunique() <= 1:
+        return final_error_bars(df, stem, close, formats)
     df = df.assign(panel=variant_labels(df))
     experiments = list(dict.fromkeys(df["panel"]))
     rows = max(1, len(experiments))
-    fig = _new_figure(10, 2.9 * rows)
-    axes = fig.subplots(rows, 2, squeeze=False)
-    for r, exp in enumerate(experiments or [None]):
-        sub = df[df["panel"] == exp] if exp is not None else df
+    fig = _new_figure(10, 2.9 * rows + 0.4)
+    axes = _subplots(fig, rows, 2, top=0.95, hgap=1.05)
+    for r, exp in enumerate(experiments):
+        sub = df[df["panel"] == exp]
         for c, metric in enumerate(("train_error", "test_error")):
             ax = axes[r][c]
             part = sub[sub["metric"] == metric]
@@ -140,31 +176,77 @@ def training_curves(df: pd.DataFrame, stem: str | os.PathLike, close: bool = Fal
                 rows_a = part[part["algorithm"] == algo]
                 if rows_a.empty:
                     continue
-                stats = rows_a.groupby("epoch")["value"].agg(["mean", "std", "count"]).sort_index()
+                stats = rows_a.groupby("epoch")["value"].agg(["mean", "std"]).sort_index()
                 x = stats.index.to_numpy()
                 mean = stats["mean"].to_numpy()
                 std = stats["std"].fillna(0.0).to_numpy()
                 ax.plot(x, mean, color=ALGO_COLOR[algo], label=ALGO_LABEL[algo], marker="o", ms=3, gid="data")
-                if len(x):
-                    ax.fill_between(x, mean - std, mean + std, color=ALGO_COLOR[algo], alpha=0.2, lw=0)
+                ax.fill_between(x, mean - std, mean + std, color=ALGO_COLOR[algo], alpha=0.2, lw=0)
             what = "train" if metric == "train_error" else "test"
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(f"{what} error (%)")
-            n = sub[sub["metric"] == metric].groupby("algorithm")["trial"].nunique().to_dict() if not part.empty else {}
-            trials = ", ".join(f"{ALGO_LABEL.get(a, a)} n={k}" for a, k in sorted(n.items()))
-            ax.set_title(f"{exp} — {what} error (mean ± std; {trials})\n"
+            _title(ax, f"{exp} — {what} error (mean ± std; {_trials_text(part)})\n"
                          f"{settings_text(sub, ('T', 'K', 'beta', 'dataset', 'backend', 'dtype'))}", fontsize=8)
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=8)
     fig.suptitle("MNIST training: EP vs BPTT (cf. paper Figs 17-22)", fontsize=10)
-    save_figure(fig, stem, close)
+    save_figure(fig, stem, close, formats)
+    return fig
+
+
+def _trials_text(part: pd.DataFrame) -> str:
+    """'EP n=5, BPTT n=5': trials per algorithm."""
+    n = part.groupby("algorithm")["trial"].nunique().to_dict() if not part.empty else {}
+    return ", ".join(f"{ALGO_LABEL.get(a, a)} n={k}" for a, k in sorted(n.items()))
+
+
+def final_error_bars(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False,
+                     formats: tuple[str, ...] = FORMATS) -> Figure:
+    """Train | test error (%) at the last epoch: per experiment (variant) an EP bar beside a
+    BPTT bar, mean over trials with the std as error bar and the mean written above."""
+    df = df[df["metric"].isin(["train_error", "test_error"])]
+    if not df.empty:
+        last = df.groupby(VARIANT, dropna=False)["epoch"].transform("max")
+        df = df[df["epoch"] == last]
+    df = df.assign(panel=variant_labels(df))
+    experiments = list(dict.fromkeys(df["panel"]))
+    fig = _new_figure(min(16.0, max(10.0, 1.6 * len(experiments) + 2)), 4.2)
+    axes = _subplots(fig, 1, 2, top=0.85, bottom=0.7)[0]
+    epochs = _fmt_set(_values(df, "epoch"))
+    for ax, metric in zip(axes, ("train_error", "test_error")):
+        part = df[df["metric"] == metric]
+        stats = part.groupby(["panel", "algorithm"])["value"].agg(["mean", "std"])
+        for j, algo in enumerate(("ep", "bptt")):
+            xs, ys, es = [], [], []
+            for g, exp in enumerate(experiments):
+                if (exp, algo) in stats.index:
+                    xs.append(g + (j - 0.5) * 0.38)
+                    ys.append(stats.loc[(exp, algo), "mean"])
+                    es.append(np.nan_to_num(stats.loc[(exp, algo), "std"]))
+            if xs:
+                bars = ax.bar(xs, ys, width=0.36, yerr=es, capsize=2, color=ALGO_COLOR[algo],
+                              label=ALGO_LABEL[algo], gid="data")
+                ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        what = "train" if metric == "train_error" else "test"
+        ax.set_xticks(range(len(experiments)), experiments, fontsize=8,
+                      rotation=0 if len(experiments) < 5 else 30)
+        ax.set_ylabel(f"{what} error (%)")
+        _title(ax, f"{what} error after epoch {epochs} (mean ± std; {_trials_text(part)})\n"
+                     f"{settings_text(df, ('dataset', 'backend', 'dtype'))}", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        ax.margins(y=0.15)
+        if ax.patches:
+            ax.legend(fontsize=8)
+    fig.suptitle("MNIST training: final errors, EP beside BPTT (cf. paper Table 1)", fontsize=10)
+    save_figure(fig, stem, close, formats)
     return fig
 
 
 # ----- GDU processes (Figs 2, 4, 8-13) -----------------------------------------------------------
-def gdu_processes(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False) -> Figure:
+def gdu_processes(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False,
+                  formats: tuple[str, ...] = FORMATS) -> Figure:
     """ΔEP(t) (solid) and −∇BPTT(t) (dashed) against t for the sampled units of every layer.
 
     Top row: neuron layers; bottom row: parameter layers. One colour per unit. Uses the first
@@ -180,52 +262,55 @@ def gdu_processes(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False
     weight_layers = sort_layers(df.loc[df["quantity"] != "neurons", "layer"]) if not df.empty else []
     ncols = max(1, len(neuron_layers), len(weight_layers))
     nrows = (1 if neuron_layers else 0) + (1 if weight_layers else 0) or 1
-    fig = _new_figure(3.4 * ncols, 2.9 * nrows + 0.6)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    fig = _new_figure(3.4 * ncols, 2.5 * nrows + 1.3)
+    cells = _grid(fig, nrows, ncols, top=0.75, bottom=0.85, wgap=0.85, hgap=0.75)
     grid = [layers for layers in (neuron_layers, weight_layers) if layers] or [[]]
     colors = matplotlib.colormaps["tab10"]
+    lines = {key: part.sort_values("t") for key, part in
+             df[["layer", "unit", "algorithm", "t", "value"]].groupby(["layer", "unit", "algorithm"])}
+    units: dict = {}
+    for layer, unit, _ in lines:
+        units.setdefault(layer, set()).add(unit)
     for r, layers in enumerate(grid):
-        for c in range(ncols):
-            ax = axes[r][c]
-            if c >= len(layers):
-                ax.set_visible(False)
-                continue
-            layer = layers[c]
-            part = df[df["layer"] == layer]
+        for c, layer in enumerate(layers):  # only the cells in use get axes
+            ax = fig.add_subplot(cells[r, c])
             quantity = "neurons" if layer in neuron_layers else "weights"
-            for i, unit in enumerate(sorted(part["unit"].unique())):
+            for i, unit in enumerate(sorted(units.get(layer, ()))):
                 for algo in ("ep", "bptt"):
-                    line = part[(part["unit"] == unit) & (part["algorithm"] == algo)].sort_values("t")
-                    if line.empty:
+                    line = lines.get((layer, unit, algo))
+                    if line is None:
                         continue
-                    ax.plot(line["t"], line["value"], PROCESS_STYLE[algo], color=colors(i % 10), lw=1.2,
-                            label=f"{PROCESS_LABEL[algo]} unit {unit}", gid="data")
+                    ax.plot(line["t"].to_numpy(), line["value"].to_numpy(), PROCESS_STYLE[algo],
+                            color=colors(i % 10), lw=1.2, label=f"{PROCESS_LABEL[algo]} unit {unit}", gid="data")
             ax.axhline(0.0, color="0.6", lw=0.5, gid="reference")
-            ax.set_title(f"{layer} ({quantity})", fontsize=9)
+            _title(ax, f"{layer} ({quantity})", fontsize=9)
             ax.set_xlabel("t (time step of the second phase)")
             ax.set_ylabel("ΔEP(t), −∇BPTT(t) (a.u.)")
+            ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(5))
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
             ax.grid(alpha=0.3)
     handles = [Line2D([], [], color="k", ls="-", label="ΔEP(t) (solid)"),
                Line2D([], [], color="k", ls="--", label="−∇BPTT(t) (dashed)")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8)
+    fig.legend(handles=handles, loc="lower center", ncols=2, fontsize=8)
     name = df["experiment"].iloc[0] + (" (symmetric ±β)" if df["symmetric"].iloc[0] else "") if not df.empty else ""
     desc = df["model_desc"].iloc[0] if not df.empty and "model_desc" in df else ""
     fig.suptitle(f"GDU processes: {name} ({desc})\n{settings_text(df)}; one colour per sampled unit",
                  fontsize=10)
-    save_figure(fig, stem, close)
+    save_figure(fig, stem, close, formats)
     return fig
 
 
 # ----- RelMSE bars (Figs 3, 15) -------------------------------------------------------------------
-def relmse_bars(df: pd.DataFrame, stem: str | os.PathLike, log: bool = True, close: bool = False) -> Figure:
+def relmse_bars(df: pd.DataFrame, stem: str | os.PathLike, log: bool = True, close: bool = False,
+                formats: tuple[str, ...] = FORMATS) -> Figure:
     """RelMSE per layer, neurons (top) and parameters (bottom): one group of bars per experiment
     variant (see :func:`variant_labels`), mean over trials with the std as error bar."""
     df = df[(df["metric"] == "relmse") & (df["algorithm"] == "ep_vs_bptt")].copy()
     df["group"] = variant_labels(df, sep="\n")
     groups = list(dict.fromkeys(df["group"]))
     fig = _new_figure(min(16.0, max(7.0, 0.9 * len(groups) + 3)), 7.5)
-    axes = fig.subplots(2, 1, squeeze=False)[:, 0]
+    axes = _subplots(fig, 2, 1, top=0.6, right=1.0, bottom=0.95, hgap=1.25)[:, 0]
     colors = matplotlib.colormaps["tab20"]
     for ax, quantity in zip(axes, ("neurons", "weights")):
         part = df[(df["quantity"] == "neurons") == (quantity == "neurons")]
@@ -244,7 +329,7 @@ def relmse_bars(df: pd.DataFrame, stem: str | os.PathLike, log: bool = True, clo
         ax.set_xticks(range(len(groups)), groups, fontsize=8, rotation=0 if len(groups) < 5 else 30)
         ax.set_ylabel(RELMSE_LABEL if quantity == "neurons" else "RelMSE (ratio of RMS norms)")
         ax.set_xlabel("experiment")
-        ax.set_title(f"{'neurons' if quantity == 'neurons' else 'weights (parameters)'}: RelMSE per layer",
+        _title(ax, f"{'neurons' if quantity == 'neurons' else 'weights (parameters)'}: RelMSE per layer",
                      fontsize=9)
         if log and not part.empty and (part["value"] > 0).any():
             ax.set_yscale("log")
@@ -253,7 +338,7 @@ def relmse_bars(df: pd.DataFrame, stem: str | os.PathLike, log: bool = True, clo
             ax.legend(fontsize=7, title="layer", title_fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"RelMSE per layer (cf. paper Figs 3, 15) — {settings_text(df, ('dataset', 'backend', 'dtype'))}",
                  fontsize=10)
-    save_figure(fig, stem, close)
+    save_figure(fig, stem, close, formats)
     return fig
 
 
@@ -291,12 +376,12 @@ def line_label(flavor: str, symmetric: bool) -> str:
 
 
 def theorem1_plot(df: pd.DataFrame, stem: str | os.PathLike, layer: str | None = None,
-                  quantity: str = "neurons", close: bool = False) -> Figure:
+                  quantity: str = "neurons", close: bool = False, formats: tuple[str, ...] = FORMATS) -> Figure:
     """RelMSE against β on log-log axes, one line per (flavor, symmetric), with faint reference
     slopes β and β² (anchored at the smallest-β point of the first line)."""
     lines = theorem1_lines(df, layer, quantity)
     fig = _new_figure(6.4, 4.6)
-    ax = fig.subplots()
+    ax = _subplots(fig, 1, 1, top=0.55, left=0.85)[0][0]
     markers = "osD^v"
     for i, ((flavor, symmetric), part) in enumerate(lines.groupby(["flavor", "symmetric"], sort=True)):
         slope = fit_slope(part["beta"], part["relmse"])
@@ -321,9 +406,9 @@ def theorem1_plot(df: pd.DataFrame, stem: str | os.PathLike, layer: str | None =
     ax.set_ylabel(f"RelMSE(ΔEP, −∇BPTT), {where}")
     name = ", ".join(dict.fromkeys(df["experiment"])) if "experiment" in df and not df.empty else ""
     settings = settings_text(df, ("T", "K", "dataset", "backend", "dtype"))
-    ax.set_title(f"Theorem 1: RelMSE → 0 as β → 0 — {name}\n{settings}", fontsize=9)
+    _title(ax, f"Theorem 1: RelMSE → 0 as β → 0 — {name}\n{settings}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
         ax.legend(fontsize=8)
-    save_figure(fig, stem, close)
+    save_figure(fig, stem, close, formats)
     return fig

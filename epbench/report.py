@@ -528,7 +528,7 @@ def _n_classes(model_desc: str) -> int:
 
 
 def _image(title: str, stem: str) -> str:
-    return f"![{title}]({FIGURES}/{stem}.png)\n\n[{stem}.svg]({FIGURES}/{stem}.svg)"
+    return f"![{title}]({FIGURES}/{stem}.png)"
 
 
 def _distinct(df: pd.DataFrame, column: str) -> str:
@@ -576,8 +576,10 @@ def _header(df: pd.DataFrame, meta: dict) -> list[str]:
     return lines
 
 
-def render_report(run_dir: str | os.PathLike) -> Path:
-    """Write ``report.md`` and ``figures/*.png|svg`` for a run directory; return the report's path."""
+def render_report(run_dir: str | os.PathLike, svg: bool = False) -> Path:
+    """Write ``report.md`` and ``figures/*.png`` (and ``*.svg`` with ``svg``) for a run directory;
+    return the report's path. Figures of an earlier rendering that this one did not make (or an
+    SVG not asked for this time) are removed, so what is there matches the report."""
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
     try:
@@ -587,9 +589,10 @@ def render_report(run_dir: str | os.PathLike) -> Path:
     fig_dir = run_dir / FIGURES
     fig_dir.mkdir(exist_ok=True)
     made: set[str] = set()
+    formats = ("png", "svg") if svg else ("png",)
 
     def figure(fn, data, stem, **kw) -> str:
-        fn(data, fig_dir / stem, close=True, **kw)
+        fn(data, fig_dir / stem, close=True, formats=formats, **kw)
         made.add(stem)
         return stem
 
@@ -663,8 +666,10 @@ def render_report(run_dir: str | os.PathLike) -> Path:
     if not df.empty:
         out += ["## Timing", "", _timing_markdown(summarize_timing(df)), ""]
 
+    if svg and made:
+        out += [f"SVG copies of the figures: `{FIGURES}/*.svg`.", ""]
     for stale in fig_dir.glob("*"):
-        if stale.suffix in (".png", ".svg") and stale.stem not in made:
+        if stale.suffix in (".png", ".svg") and (stale.stem not in made or stale.suffix[1:] not in formats):
             stale.unlink()
     path = run_dir / REPORT
     atomic_write_text(path, "\n".join(out))

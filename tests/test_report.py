@@ -215,8 +215,8 @@ def test_figures_exist_and_embedded(run_dir, report):
     stems = ["relmse-bars", "process-eb-1h", "training-curves",
              "theorem1-toy-T-5000-K-80-float64"]
     for stem in stems:
-        assert {f"{stem}.png", f"{stem}.svg"} <= names, stem
-        assert f"(figures/{stem}.png)" in report and f"(figures/{stem}.svg)" in report
+        assert f"{stem}.png" in names and f"{stem}.svg" not in names, stem  # SVG only on request
+        assert f"(figures/{stem}.png)" in report
     assert "process-eb-1h-official.png" not in names  # no process rows for it
     assert (run_dir / "figures" / "relmse-bars.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -242,7 +242,7 @@ def _data_lines(ax):
 
 def test_training_curve_content(tmp_path, frame):
     df = frame[frame["task"] == "train"]
-    fig = figures.training_curves(df, tmp_path / "tc")
+    fig = figures.training_curves(df, tmp_path / "tc", formats=("png", "svg"))
     assert (tmp_path / "tc.png").exists() and (tmp_path / "tc.svg").exists()
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert len(axes) == 2
@@ -336,3 +336,39 @@ def test_variant_labels(frame):
     assert "toy · paper · ±β=0.001" in labels and "toy · official-code · β=0.01" in labels
     assert len(labels) == 9
     assert set(figures.variant_labels(frame[frame["experiment"] == "eb-1h"])) == {"eb-1h"}
+
+
+def test_svg_on_request_and_removed_when_not(tmp_path, run_dir):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    render_report(copy, svg=True)
+    svgs = sorted(p.stem for p in (copy / "figures").glob("*.svg"))
+    assert svgs == sorted(p.stem for p in (copy / "figures").glob("*.png"))
+    assert (copy / "figures" / "relmse-bars.svg").read_text().lstrip().startswith("<?xml")
+    assert "figures/*.svg" in (copy / "report.md").read_text()
+    render_report(copy)  # a rendering without SVG leaves none of the old ones behind
+    assert not list((copy / "figures").glob("*.svg"))
+
+
+def test_one_epoch_shows_final_error_bars(tmp_path, frame):
+    """One epoch has no curve: bars of the final errors, EP beside BPTT per experiment."""
+    import pandas as pd
+
+    df = frame[(frame["task"] == "train") & (frame["epoch"] == 1)]
+    other = df.assign(experiment="p-1h-train", value=df["value"] + 10.0)
+    fig = figures.training_curves(pd.concat([df, other]), tmp_path / "tc")
+    axes = fig.axes
+    assert [ax.get_ylabel() for ax in axes] == ["train error (%)", "test error (%)"]
+    assert not any(_data_lines(ax) for ax in axes)
+    for ax in axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["eb-1h-train", "p-1h-train"]
+        assert "after epoch 1" in ax.get_title()
+        assert sorted(ax.get_legend_handles_labels()[1]) == ["BPTT", "EP"]
+    test_ax = axes[1]
+    ep = next(c for c in test_ax.containers if c.get_label() == "EP")
+    heights = [bar.get_height() for bar in ep.patches]
+    expected = df[(df["metric"] == "test_error") & (df["algorithm"] == "ep")]["value"].mean()
+    assert heights == pytest.approx([expected, expected + 10.0])
+
