@@ -50,7 +50,6 @@ provenance         run_id, epbench_version, git_commit, git_dirty, suite, suite_
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import hashlib
 import io
 import json

@@ -9,7 +9,6 @@ one-line errors and exit codes); signals need a real child process.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
