@@ -76,6 +76,9 @@ class Capabilities:
     activations: tuple[str, ...] = ("sigmoid", "hard_sigmoid", "tanh")
     #: implements ``PhaseSettings.alternate`` (even/odd alternation of the P models) in training
     alternate: bool = False
+    #: compiles a program for each new shape on first use, so the first call of an experiment
+    #: takes longer (the runner says so before it)
+    compiles: bool = False
 
 
 class Backend(ABC):

@@ -534,15 +534,30 @@ def _signal_name(signum: int) -> str:
         return str(signum)
 
 
+def compile_key(exp: Experiment) -> tuple:
+    """What a backend that compiles per shape compiles anew for: the task, the model, the phase
+    settings (β aside, a run-time value) and the batch size."""
+    batch = exp.train.batch_size if exp.task == "train" else exp.batch_size
+    return exp.task, exp.model.model_dump_json(), exp.phase.model_dump_json(exclude={"beta"}), batch
+
+
 def _run_experiments(backend: Backend, runnable: list[Experiment], data: DataCache, provenance: dict,
                      rows: list[dict], run_dir: Path, progress: Progress) -> None:
-    """Run the experiments in order, appending to ``rows`` and rewriting the table after each."""
+    """Run the experiments in order, appending to ``rows`` and rewriting the table after each.
+    A backend that compiles per shape (``capabilities.compiles``) gets a progress line before
+    the first call of each new shape (see :func:`compile_key`), which takes longer."""
     total = sum(e.trials for e in runnable)
     done = 0
+    shapes: set[tuple] = set()
     for exp in runnable:
+        compiling = backend.capabilities.compiles and compile_key(exp) not in shapes
+        shapes.add(compile_key(exp))
+        note = f"compiling {exp.name} for {backend.name} (first run of this shape)…"
         if exp.task == "train":  # all trials together (a backend may batch them)
             which = f"trials 1-{exp.trials}" if exp.trials > 1 else "trial 1/1"
             progress(f"{exp.name} (train) {which}", done, total)
+            if compiling:
+                progress(note, done, total)
             start = time.perf_counter()
             per_trial = run_train(backend, exp, data, progress)
             wall = (time.perf_counter() - start) / exp.trials
@@ -556,6 +571,8 @@ def _run_experiments(backend: Backend, runnable: list[Experiment], data: DataCac
             continue
         for trial in range(exp.trials):
             progress(f"{exp.name} ({exp.task}) trial {trial + 1}/{exp.trials}", done, total)
+            if compiling and trial == 0:
+                progress(note, done, total)
             start = time.perf_counter()
             new = run_gdu(backend, exp, trial, data)
             wall = time.perf_counter() - start

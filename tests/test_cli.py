@@ -296,3 +296,22 @@ def test_wheel_ships_the_bundled_suites(tmp_path):
         shipped = {Path(n).name: z.read(n) for n in z.namelist() if n.startswith("epbench/suites_data/")}
     expected = {p.name: p.read_bytes() for p in (ROOT / "suites").glob("*.yaml")}
     assert expected and shipped == expected
+
+
+def test_compiling_backend_says_so_once_per_shape(tmp_path):
+    """jax-cpu compiles per shape: one progress line before the first call of each new shape
+    (b repeats a's shape, c has another T); torch-cpu compiles nothing and says nothing."""
+    pytest.importorskip("jax")
+    exp = "  - {{name: {}, task: gdu, dataset: synthetic, batch_size: 2, " \
+          "model: {{kind: p, n_in: 6, hidden: [4], n_out: 3}}, phase: {{T: {}, K: 2, beta: {}}}}}\n"
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\nexperiments:\n" + exp.format("a", 5, 0.1) + exp.format("b", 5, 0.2)
+                     + exp.format("c", 6, 0.1))
+    out = epbench("run", str(suite), "--backend", "jax-cpu", "--no-report", "--out", str(tmp_path / "jax"))
+    assert out.returncode == 0, out.stderr
+    notes = [line for line in out.stderr.splitlines() if line.startswith("compiling")]
+    assert notes == ["compiling a for jax-cpu (first run of this shape)…",
+                     "compiling c for jax-cpu (first run of this shape)…"]
+    out = epbench("run", str(suite), "--no-report", "--out", str(tmp_path / "torch"))
+    assert out.returncode == 0, out.stderr
+    assert not [line for line in out.stderr.splitlines() if line.startswith("compiling")]

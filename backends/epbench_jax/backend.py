@@ -53,7 +53,7 @@ class JaxBackend(Backend):
     """EP and BPTT in JAX, each phase one compiled XLA program."""
 
     framework = "jax"
-    capabilities = Capabilities(alternate=True)
+    capabilities = Capabilities(alternate=True, compiles=True)
     #: mini-batches per compiled training chunk
     CHUNK = 50
 
