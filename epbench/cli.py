@@ -397,7 +397,7 @@ def bench(names, models, algorithms, batches, alternate, per_step, out):
     GFLOP/s and the fraction of the device's float32 matmul peak measured on the spot."""
     import time
 
-    from epbench import __version__
+    from epbench import __version__, hardware
     from epbench.bench import BENCH_MODELS, bench_rows, step_rows
     from epbench.presets import TABLE4
     from epbench.results import git_provenance, new_run_dir, to_frame, write_meta, write_table
@@ -439,7 +439,7 @@ def bench(names, models, algorithms, batches, alternate, per_step, out):
     write_table(run_dir, to_frame(rows))
     write_meta(run_dir, {"suite": "bench", "command": shlex.join(["epbench", *sys.argv[1:]]), "started": started,
                          "git_commit": commit, "git_dirty": dirty, "epbench_version": __version__,
-                         "backends": [b.name for b, _ in backends_]})
+                         "backends": [b.name for b, _ in backends_], "host": hardware.host()})
     click.echo(str(run_dir))
 
 

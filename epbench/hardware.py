@@ -11,12 +11,14 @@
   OS). A framework is only asked if the backend already imported it.
 
 :func:`columns` gives them as the table's columns: ``cpu_model``, ``cpu_flags`` (space
-separated, sorted), ``gpu_name``, ``gpu_driver``, ``cuda_version``.
+separated, sorted), ``gpu_name``, ``gpu_driver``, ``cuda_version``; :func:`host` adds the
+platform, Python and the usable cores for meta.json.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import re
 import subprocess
@@ -163,3 +165,15 @@ def gpu(framework: str, device: str) -> dict[str, str]:
 def columns(framework: str, device: str) -> dict[str, str]:
     """The hardware provenance columns of a backend's rows."""
     return {**cpu(), **gpu(framework, device)}
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def host(framework: str = "", device: str = "cpu") -> dict:
+    """meta.json's ``host``: the platform, Python, the usable cores and :func:`columns` (the GPU
+    ones empty unless ``device`` is a CUDA device of ``framework``)."""
+    return {"platform": platform.platform(), "python": sys.version.split()[0], "cores": cores(),
+            **columns(framework, device)}

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -495,8 +493,7 @@ def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
         **provenance, "suite_path": str(suite_path), "command": opts.command, "started": started,
         "quick": opts.quick, "overrides": list(opts.overrides), "reductions": plan.reductions,
         "skipped": plan.skipped,
-        "host": {"platform": platform.platform(), "python": sys.version.split()[0], "cores": _cores(),
-                 **hardware.columns(backend.framework, avail.device)},
+        "host": hardware.host(backend.framework, avail.device),
         **this_process(), "status": RUNNING,
     }
     rows: list[dict] = []
@@ -602,9 +599,3 @@ def write_suite_as_run(run_dir: Path, suite: Suite, experiments: list[Experiment
     doc = {"name": suite.name, "description": suite.description,
            "experiments": [e.model_dump(mode="json", exclude_none=True) for e in experiments]}
     atomic_write_text(run_dir / "suite.yaml", yaml.safe_dump(doc, sort_keys=False))
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -103,6 +103,10 @@ def test_mode_rejects_other_values(monkeypatch):
     monkeypatch.setenv("EPBENCH_JAX_NATIVE", "yes")
     with pytest.raises(EpbenchError, match="EPBENCH_JAX_NATIVE must be 1"):
         native.mode()
+    from epbench_jax.backend import JaxBackend
+
+    avail = JaxBackend("cpu").availability()  # so a run stops before it starts, with this reason
+    assert not avail.ok and "EPBENCH_JAX_NATIVE must be 1" in avail.reason
 
 
 # ----- the private cache folder --------------------------------------------------------------------
@@ -248,3 +252,20 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_one_warning(tmp_path):
     assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "internal compiler error" in warnings[0]
     assert set(table["implementation"]) == {"xla-loop"} and meta["implementation"] == {"p-gdu": "xla-loop"}
     assert not list((cache / "native").glob("*.so"))
+
+
+def test_bench_reports_the_implementation_and_the_hardware(tmp_path):
+    """`epbench bench` on jax-cpu with the XLA loop forced: the rows and the progress lines say
+    ``xla-loop``; rows and meta.json carry the CPU model and flags."""
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "-m", "epbench.cli", "bench", "-b", "jax-cpu", "-m", "p-1h", "-a", "ep",
+                           "--batches", "1", "--out", str(out)], capture_output=True, text=True,
+                          env=_env(tmp_path / "cache", EPBENCH_JAX_NATIVE="0"), cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "[xla-loop]" in done.stdout
+    (run_dir,) = out.iterdir()
+    table = pd.read_parquet(run_dir / "results.parquet")
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert set(table["implementation"]) == {"xla-loop"}
+    assert set(table["cpu_model"]) == {meta["host"]["cpu_model"]} and meta["host"]["cores"] >= 1
+    assert set(table["cpu_flags"]) == {meta["host"]["cpu_flags"]}

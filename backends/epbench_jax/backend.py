@@ -21,7 +21,7 @@ from typing import Mapping
 import numpy as np
 
 from epbench.backend import Availability, Backend, Capabilities, EpochResult, GDUProcesses
-from epbench.errors import BackendUnavailable
+from epbench.errors import BackendUnavailable, EpbenchError
 from epbench.params import check_params
 from epbench.spec import Algorithm, ModelSpec, PhaseSettings, TrainSettings, check_alternation
 
@@ -78,6 +78,13 @@ class JaxBackend(Backend):
     def availability(self, probe: bool = False) -> Availability:
         if not _has_module("jax"):
             return Availability(False, "jax is not installed (pip install 'epbench[jax]')")
+        if self.platform == "cpu":
+            from epbench_jax import native
+
+            try:
+                native.mode()
+            except EpbenchError as exc:
+                return Availability(False, str(exc))
         if self.platform == "cuda" and not probe:
             if not any(_has_module(n) for n in _CUDA_PLUGINS):
                 return Availability(False, "the JAX CUDA plugin is not installed (pip install 'jax[cuda12]')")

@@ -7,7 +7,8 @@ back to back on its real shapes (:func:`race`: best of a few alternating runs wi
 time budget) and the faster one is kept (a tie keeps the XLA loop). The decision is stored in
 ``<library>.choices.json`` beside the cached library, whose name already hashes the kernel's
 source, the flags, the compiler, jaxlib and the CPU; the key adds the phase and the number of
-cores this process may use, so later runs on this machine do not measure again.
+cores this process may use, so later runs on this machine do not measure again (delete the file
+to measure again).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from epbench import hardware
 from epbench.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -63,16 +64,12 @@ def race(run_kernel: Callable[[], object], run_loop: Callable[[], object],
     return {"choice": choice, "kernel_s": best[KERNEL], "loop_s": best[LOOP], "rounds": done}
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def key(spec: ModelSpec, batch: int, steps: int, nudged: bool) -> str:
     """The decision's key: the model (its description and a hash of every field), the batch,
     the number of steps, free or nudged, and the usable cores."""
     digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
     return (f"{spec.describe()} [{digest}] batch={batch} steps={steps} {'nudged' if nudged else 'free'} "
-            f"float32 cores={_cores()}")
+            f"float32 cores={hardware.cores()}")
 
 
 def choices_path(lib: Path) -> Path:
