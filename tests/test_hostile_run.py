@@ -208,6 +208,18 @@ def test_experiment_that_does_not_fit_its_data(tmp_path, capsys, model, expected
     assert run_dirs(out) == []
 
 
+def test_unavailable_backend_stops_before_the_run_directory(tmp_path, capsys):
+    from epbench.plugins import registry
+
+    missing = [name for name, b in sorted(registry().backends.items()) if not b.availability(probe=True).ok]
+    if not missing:
+        pytest.skip("every registered backend is available here")
+    out = tmp_path / "results"
+    rc, _, lines = run_main(capsys, "run", str(suite_file(tmp_path, gdu())), "-b", missing[0], "--out", str(out))
+    assert_one_error(rc, lines, f"backend '{missing[0]}' is not available: ")
+    assert not out.exists()
+
+
 # ----- 4. duplicate names ------------------------------------------------------------------------
 def test_duplicate_experiment_names_are_refused(tmp_path, capsys):
     suite = suite_file(tmp_path, gdu("a"), gdu("p-1h"), gdu("b"), gdu("c"), gdu("p-1h"))
