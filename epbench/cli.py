@@ -131,8 +131,7 @@ def _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, in
         signum = signal_number(exc)
         name = "SIGTERM" if signum == 15 else "SIGINT"
         if created:
-            raise RunInterrupted(f"interrupted ({name}): run directory {created[0]} keeps the experiments that "
-                                 "finished, status 'interrupted'; re-run the same command to start again",
+            raise RunInterrupted(f"interrupted ({name}): run directory {created[0]}: {_status_of(created[0])}",
                                  signum) from None
         raise RunInterrupted(f"interrupted ({name}) before the run directory was created", signum) from None
     except EpbenchError as exc:
@@ -146,16 +145,18 @@ def _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, in
 
 
 def _status_of(run_dir) -> str:
-    """'status <s>' of a run directory, and how to go on."""
+    """The status of a run directory as meta.json records it, what it keeps, and how to go on."""
     from epbench.results import COMPLETE, read_meta
 
     try:
-        status = read_meta(run_dir).get("status", "unknown")
+        meta = read_meta(run_dir)
     except EpbenchError:
-        status = "unknown"
+        meta = {}
+    status = meta.get("status", "unknown")
     if status == COMPLETE:
         return f"status {status}; `epbench report {run_dir}` renders the report again"
-    return f"status {status}; re-run the same command to start again"
+    kept = f", the {meta['rows']} rows of the experiments that finished kept" if "rows" in meta else ""
+    return f"status {status}{kept}; re-run the same command to start again"
 
 
 def _run_with_progress(suite, path, digest, opts, verbose, on_start=None):
