@@ -377,7 +377,12 @@ def compare(run_a, run_b, tolerance, reference, out_file):
     text = render_markdown(comparison, tolerance)
     click.echo(text, nl=False)
     if out_file:
-        Path(out_file).write_text(text)
+        from epbench.results import atomic_write_text, fs_error
+
+        try:
+            atomic_write_text(Path(out_file), text)
+        except OSError as exc:
+            raise fs_error(out_file, exc, "--out: cannot write") from None
     if tolerance and len(comparison.gdu) and (comparison.gdu["abs_diff"] > tolerance).any():
         raise SystemExit(1)
 

@@ -323,6 +323,22 @@ def test_disk_full_while_writing_the_report(tmp_path, capsys, monkeypatch):
     assert meta_of(run_dir)["status"] == "complete"
 
 
+def test_report_and_compare_into_places_they_cannot_write(tmp_path, capsys, mounts):
+    target = tmp_path / "ro"
+    if not _mount_tmpfs(target, "size=8m"):
+        pytest.skip("cannot mount a tmpfs here")
+    mounts.append(target)
+    rc, stdout, lines = run_main(capsys, "-q", "run", str(suite_file(tmp_path, gdu())), "--out", str(target),
+                                 "--no-report")
+    assert rc == 0, lines
+    run_dir = Path(stdout.strip())
+    assert subprocess.run(["mount", "-o", "remount,ro", str(target)]).returncode == 0
+    rc, _, lines = run_main(capsys, "report", str(run_dir))
+    assert_one_error(rc, lines, str(run_dir), "cannot write the report: Read-only file system")
+    rc, _, lines = run_main(capsys, "compare", str(run_dir), str(run_dir), "--out", str(target / "c.md"))
+    assert_one_error(rc, lines, f"{target / 'c.md'}: --out: cannot write: Read-only file system")
+
+
 def test_long_names_are_shortened_for_files_only(tmp_path, capsys):
     long_a, long_b = "g" * 240 + "-a", "g" * 240 + "-b"
     suite = suite_file(tmp_path, gdu(long_a), gdu(long_b), name="s" * 300)
