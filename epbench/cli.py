@@ -146,7 +146,7 @@ def _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, in
 
 def _status_of(run_dir) -> str:
     """The status of a run directory as meta.json records it, what it keeps, and how to go on."""
-    from epbench.results import COMPLETE, read_meta
+    from epbench.results import COMPLETE, RUNNING, read_meta
 
     try:
         meta = read_meta(run_dir)
@@ -155,6 +155,9 @@ def _status_of(run_dir) -> str:
     status = meta.get("status", "unknown")
     if status == COMPLETE:
         return f"status {status}; `epbench report {run_dir}` renders the report again"
+    if status == RUNNING:  # this process could not record its end: meta.json is not writable now
+        return ("meta.json could not be updated and says 'running', which reads as interrupted once this "
+                "process has ended; re-run the same command to start again")
     kept = f", the {meta['rows']} rows of the experiments that finished kept" if "rows" in meta else ""
     return f"status {status}{kept}; re-run the same command to start again"
 

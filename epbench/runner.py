@@ -497,12 +497,18 @@ def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
         **this_process(), "status": RUNNING,
     }
     rows: list[dict] = []
+    meta["rows"] = 0  # rows on disk
+
+    def save() -> None:
+        write_table(run_dir, to_frame(rows))
+        meta["rows"] = len(rows)
+
     try:
         if on_start is not None:
             on_start(run_dir)
         write_meta(run_dir, meta)
         write_suite_as_run(run_dir, suite, runnable)
-        _run_experiments(backend, runnable, plan.data, provenance, rows, run_dir, progress)
+        _run_experiments(backend, runnable, plan.data, provenance, rows, save, progress)
         meta["status"] = COMPLETE
     except KeyboardInterrupt as exc:
         meta["status"], meta["signal"] = INTERRUPTED, _signal_name(signal_number(exc))
@@ -517,12 +523,11 @@ def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
     finally:
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         meta["implementation"] = {row["experiment"]: row["implementation"] for row in rows}
-        meta["rows"] = len(rows)
         try:
-            if rows and meta["status"] != COMPLETE:
-                write_table(run_dir, to_frame(rows))
+            if len(rows) > meta["rows"]:
+                save()
         except OSError:
-            pass  # the table of the last finished experiment is on disk already
+            pass  # the table of the experiments before stays on disk (meta["rows"] counts its rows)
         try:
             write_meta(run_dir, meta)
         except OSError:
@@ -547,8 +552,8 @@ def compile_key(exp: Experiment) -> tuple:
 
 
 def _run_experiments(backend: Backend, runnable: list[Experiment], data: DataCache, provenance: dict,
-                     rows: list[dict], run_dir: Path, progress: Progress) -> None:
-    """Run the experiments in order, appending to ``rows`` and rewriting the table after each.
+                     rows: list[dict], save: Callable[[], None], progress: Progress) -> None:
+    """Run the experiments in order, appending to ``rows`` and writing the table (``save``) after each.
     A backend that compiles per shape (``capabilities.compiles``) gets a progress line before
     the first call of each new shape (see :func:`compile_key`), which takes longer."""
     total = sum(e.trials for e in runnable)
@@ -570,7 +575,7 @@ def _run_experiments(backend: Backend, runnable: list[Experiment], data: DataCac
             for trial, new in enumerate(per_trial):
                 columns = experiment_columns(exp, trial)
                 rows += [{**provenance, **ran, **columns, **row, "wall_time_s": wall} for row in new]
-            write_table(run_dir, to_frame(rows))
+            save()
             done += exp.trials
             progress(f"{exp.name} {exp.trials} trial(s) done in {wall * exp.trials:.1f} s", done, total)
             continue
@@ -585,7 +590,7 @@ def _run_experiments(backend: Backend, runnable: list[Experiment], data: DataCac
             columns = experiment_columns(exp, trial)
             for row in new:
                 rows.append({**provenance, **ran, **columns, **row, "wall_time_s": wall})
-            write_table(run_dir, to_frame(rows))
+            save()
             done += 1
             progress(f"{exp.name} trial {trial + 1} done in {wall:.1f} s", done, total)
 

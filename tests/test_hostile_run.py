@@ -281,15 +281,19 @@ def test_not_enough_space_is_refused_before_the_run(tmp_path, capsys, mounts):
     assert run_dirs(target) == []
 
 
-def test_disk_full_during_the_run(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("meta_writable", [True, False])
+def test_disk_full_during_the_run(tmp_path, capsys, monkeypatch, meta_writable):
     """ENOSPC on the first results table (simulated: the disk cannot be filled at that moment
-    from outside): one line naming the file and the cause, and a run directory that says so."""
+    from outside): one line naming the file and the cause, and a run directory that says so:
+    "failed" if meta.json can still be written, else "running" until this process ends, which
+    later commands then read as interrupted."""
     import epbench.results as results
 
-    real = results.atomic_write_bytes
+    real, full = results.atomic_write_bytes, []
 
     def full_disk(path, data):
-        if path.name == results.TABLE_PARQUET:
+        if path.name == results.TABLE_PARQUET or (full and not meta_writable):
+            full.append(path.name)
             raise OSError(28, "No space left on device", str(path))
         real(path, data)
 
@@ -298,9 +302,14 @@ def test_disk_full_during_the_run(tmp_path, capsys, monkeypatch):
     rc, _, lines = run_main(capsys, "-q", "run", str(suite_file(tmp_path, gdu())), "--out", str(out))
     (run_dir,) = run_dirs(out)
     assert_one_error(rc, lines, f"{run_dir / 'results.parquet'}: cannot write: No space left on device",
-                     f"run directory {run_dir}: status failed", "re-run the same command")
+                     f"(run directory {run_dir}: ", "re-run the same command")
     meta = meta_of(run_dir)
-    assert meta["status"] == "failed" and meta["error"] == "No space left on device"
+    if meta_writable:
+        assert "status failed, the 0 rows" in lines[0] and meta["rows"] == 0
+        assert meta["status"] == "failed" and meta["error"] == "No space left on device"
+    else:
+        assert "meta.json could not be updated and says 'running', which reads as interrupted" in lines[0]
+        assert meta["status"] == "running" and "meta.json" in full
 
 
 def test_disk_full_while_writing_the_report(tmp_path, capsys, monkeypatch):
