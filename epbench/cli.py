@@ -1,7 +1,9 @@
 """The ``epbench`` command line.
 
-Bad input (suite, option, backend or dataset name, missing data) ends with one line on stderr
-and exit status 2, never a traceback. Importing this module imports neither torch nor jax.
+Bad input (suite, option, backend or dataset name, missing data) and filesystem errors (a path
+that cannot be written, a full disk) end with one line on stderr and exit status 2, never a
+traceback; a run stopped by SIGINT or SIGTERM ends with one line naming its run directory and
+exit status 130 or 143. Importing this module imports neither torch nor jax.
 """
 
 from __future__ import annotations
