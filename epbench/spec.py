@@ -46,7 +46,8 @@ class ModelSpec(_Strict):
     ``flavor='paper'`` follows the appendix; ``flavor='official-code'`` follows the official
     code (FACTS §7): no σ'(s0) on the EB output layer (§7.1), biases on every layer (§7.3),
     PyTorch's default initialisation (§7.4), a BPTT span of K+1 steps for fully connected
-    models (§7.5) and a default P leak dt = 0.2 (§7.2).
+    models (§7.5), a default P leak dt = 0.2 (§7.2) and, in pconv's ∂Φ/∂θ, max-pool indices
+    taken one step late (:attr:`late_pool_indices`).
     """
 
     kind: ModelKind
@@ -115,6 +116,15 @@ class ModelSpec(_Strict):
         if self.input_activation is not None:
             return self.input_activation
         return self.energy_based
+
+    @property
+    def late_pool_indices(self) -> bool:
+        """pconv's ∂Φ/∂θ pools with the argmax positions of the *previous* state (official code
+        only; docs/equations.md): a state s_{t+1} reached by one step from s_t is unpooled at the
+        positions computed from s_t (the official step returns them together with s_{t+1}), so
+        s* = s_T with those of s_{T−1} and s^β_{t+1} with those of s^β_t. The paper (Lemma 5)
+        takes them at the state itself. Only ∂Φ/∂W12 depends on it (idx2 is fixed by x)."""
+        return self.kind == "pconv" and self.flavor == "official-code"
 
     def bptt_span(self, K: int) -> int:
         """Number of steps BPTT back-propagates through in training (FACTS §7.5)."""

@@ -125,7 +125,34 @@ def loss_grad(s_T, y):
 
 
 # ----- EP ----------------------------------------------------------------------------------------
-def ep_update(prep: Prepared, s_star, y, beta, K: int, symmetric: bool):
+def first_phase_end(prep: Prepared, T: int):
+    """T free steps from s = 0, ending as ``(s_{T−1}, s*)``: the predecessor of s* is kept only
+    where ∂Φ/∂θ needs it (``ModelSpec.late_pool_indices``), else ``None`` (no extra cost)."""
+    if not prep.spec.late_pool_indices:
+        return None, first_phase(prep, T)[0]
+    s_T, hist = first_phase(prep, T, 1)
+    return jax.tree.map(lambda a: a[-1], hist), s_T
+
+
+def nudged_end(prep: Prepared, s, beta, y, n: int):
+    """n nudged steps from s, ending as ``(s^β_{n−1}, s^β_n)`` (predecessor as in :func:`first_phase_end`)."""
+    if not prep.spec.late_pool_indices:
+        return None, nudged_run(prep, s, beta, y, n)
+    before = nudged_run(prep, s, beta, y, n - 1)
+    return before, prep.step(before, (beta, y))
+
+
+def dphi_difference(prep: Prepared, s, q) -> dict:
+    """∂Φ/∂θ(s[1]) − ∂Φ/∂θ(q[1]) (``models.dphi_increment``) for two ``(predecessor, state)``
+    pairs. Under ``ModelSpec.late_pool_indices`` (official-code pconv) each state is pooled with
+    the argmax positions of its predecessor, as the official step hands them over; otherwise
+    with its own (Lemma 5)."""
+    spec = prep.spec
+    at = (s[0], q[0]) if spec.late_pool_indices else (None, None)
+    return M.dphi_increment(spec, prep.params, prep.u, prep.aux, s[1], q[1], *at)
+
+
+def ep_update(prep: Prepared, star, y, beta, K: int, symmetric: bool):
     """EP update, the direction *added* to θ (main-text eq. 10 summed over t = 1..K; the sum
     telescopes):
 
@@ -133,16 +160,16 @@ def ep_update(prep: Prepared, s_star, y, beta, K: int, symmetric: bool):
 
     where s^β_K is reached by K nudged steps from s* (appendix eq. 35). Symmetric nudging
     (Laborieux et al. 2021): Δθ = (∂Φ/∂θ(s^{+β}_K) − ∂Φ/∂θ(s^{−β}_K)) / (2·ep_scale(β)).
-    ∂Φ/∂θ is batch-averaged; the difference is formed from state increments
-    (``models.dphi_increment``)."""
+    ``star = (s_{T−1}, s*)`` from :func:`first_phase_end`. ∂Φ/∂θ is batch-averaged; the
+    difference is formed from state increments (:func:`dphi_difference`)."""
     spec = prep.spec
     scale = spec.ep_scale(beta)
-    s_plus = nudged_run(prep, s_star, beta, y, K)
+    plus = nudged_end(prep, star[1], beta, y, K)
     if symmetric:
-        lo, div = nudged_run(prep, s_star, -beta, y, K), 2.0 * scale
+        lo, div = nudged_end(prep, star[1], -beta, y, K), 2.0 * scale
     else:
-        lo, div = s_star, scale
-    delta = M.dphi_increment(spec, prep.params, prep.u, prep.aux, s_plus, lo)
+        lo, div = star, scale
+    delta = dphi_difference(prep, plus, lo)
     return {k: v / div for k, v in delta.items()}
 
 
@@ -159,18 +186,20 @@ def _map_t(spec: ModelSpec, f, *xs):
     return jax.vmap(f)(*xs)
 
 
-def ep_processes(prep: Prepared, s_star, y, beta, K: int):
+def ep_processes(prep: Prepared, star, y, beta, K: int):
     """One-sided EP processes for t = 0..K (K+1 nudged steps from s*):
 
         ep_s[i][t]  = Σ_batch (s^β_{t+1} − s^β_t) / (B·ep_scale)          (appendix eq. 36)
         ep_θ[p][t]  = (∂Φ/∂θ(s^β_t) − ∂Φ/∂θ(s^β_{t−1})) / ep_scale,  ep_θ[p][0] = 0   (eq. 10)
 
+    ``star = (s_{T−1}, s*)`` (the predecessor is used under ``ModelSpec.late_pool_indices``).
     In the official-code flavour with clamping, s^β_{t+1} − s^β_t counts as 0 where s^β_{t+1}
     sits exactly at 0 or 1. The trajectory is run first; the parameter processes are then
-    computed for all t at once (``models.dphi_increment`` mapped over t; row 0 is exactly 0)."""
+    computed for all t at once (:func:`dphi_difference` mapped over t; row 0 is exactly 0)."""
     spec = prep.spec
     scale = spec.ep_scale(beta)
     B = prep.batch
+    s_star = star[1]
 
     def body(s, _):
         s_new = prep.step(s, (beta, y))
@@ -187,7 +216,13 @@ def ep_processes(prep: Prepared, s_star, y, beta, K: int):
         es.append(jnp.sum(diff, 1) / (B * scale))
     cur = jax.tree.map(lambda v: v[:-1], traj)  # s^β_t, t = 0..K
     prev = _stack(s_star, jax.tree.map(lambda v: v[:-2], traj))  # s^β_{t−1}, with s^β_{−1} := s*
-    inc = _map_t(spec, lambda a, b: M.dphi_increment(spec, prep.params, prep.u, prep.aux, a, b), cur, prev)
+    if not spec.late_pool_indices:
+        cur_at = prev_at = None
+    else:  # predecessors: of s^β_t, s^β_{t−1} (of s^β_0 = s*, s_{T−1}); of row 0's prev (s*), s_{T−1}
+        cur_at = _stack(star[0], jax.tree.map(lambda v: v[:-2], traj))
+        prev_at = _stack(star[0], jax.tree.map(lambda v: v[:-1], cur_at))
+    inc = _map_t(spec, lambda a, b, a_at, b_at: dphi_difference(prep, (a_at, a), (b_at, b)),
+                 cur, prev, cur_at, prev_at)
     return es, {k: v / scale for k, v in inc.items()}
 
 
@@ -278,8 +313,7 @@ def ep_update_program(spec: ModelSpec, T: int, K: int, symmetric: bool, alternat
 
     def run(params, x, y, beta):
         prep = Prepared(spec, params, x, alternate)
-        s_star, _ = first_phase(prep, T)
-        return ep_update(prep, s_star, y, beta, K, symmetric)
+        return ep_update(prep, first_phase_end(prep, T), y, beta, K, symmetric)
     return run
 
 
@@ -314,9 +348,10 @@ def gdu_program(spec: ModelSpec, T: int, K: int, symmetric: bool):
         s_T, hist = first_phase(prep, T, K)
         conv = convergence(s_T, jax.tree.map(lambda a: a[-1], hist))
         bs, bth = bptt_prop4(prep, hist, s_T, y, per_step=True)
-        es, eth = ep_processes(prep, s_T, y, beta, K)
+        star = (jax.tree.map(lambda a: a[-1], hist), s_T)
+        es, eth = ep_processes(prep, star, y, beta, K)
         if symmetric:
-            es2, eth2 = ep_processes(prep, s_T, y, -beta, K)
+            es2, eth2 = ep_processes(prep, star, y, -beta, K)
             es = [(a + b) / 2 for a, b in zip(es, es2)]
             eth = {k: (eth[k] + eth2[k]) / 2 for k in eth}
         return dict(ep_s=M.to_external(spec, es), bptt_s=M.to_external(spec, bs), ep_theta=eth, bptt_theta=bth,
@@ -333,8 +368,9 @@ def train_step(spec: ModelSpec, T: int, K: int, algorithm: str, symmetric: bool,
     prep = Prepared(spec, params, x, alternate)
     T, K, n = steps(spec, T, K, alternate)
     if algorithm == "ep":
-        s_star, _ = first_phase(prep, T)
-        direction = ep_update(prep, s_star, y, beta, K, symmetric)
+        star = first_phase_end(prep, T)
+        s_star = star[1]
+        direction = ep_update(prep, star, y, beta, K, symmetric)
         sign = 1.0
     else:
         s_star, hist = first_phase(prep, T, n)

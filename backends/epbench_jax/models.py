@@ -494,10 +494,13 @@ def _cross_increment(a, a_prev, b, b_prev):
     return mm(jnp.concatenate([a - a_prev, a_prev], 0).T, jnp.concatenate([b, b - b_prev], 0))
 
 
-def dphi_increment(spec: ModelSpec, params: dict, u, aux, s, s_prev) -> dict:
+def dphi_increment(spec: ModelSpec, params: dict, u, aux, s, s_prev, s_at=None, prev_at=None) -> dict:
     """∂Φ/∂θ(s) − ∂Φ/∂θ(s_prev) (batch-averaged, canonical layout; states internal), written
     with the increments s − s_prev so that it is exactly 0 when s = s_prev and free of the
-    cancellation of two large nearly equal terms. Same quantities as :func:`dphi`."""
+    cancellation of two large nearly equal terms. Same quantities as :func:`dphi`; for pconv,
+    the argmax positions idx1 of s are those of the state ``s_at``, of s_prev those of
+    ``prev_at`` (by default each state's own, Lemma 5; the official-code flavour passes the
+    previous states, ``ModelSpec.late_pool_indices``)."""
     B = s[0].shape[0]
     out = {}
     if spec.kind == "pconv":
@@ -509,7 +512,8 @@ def dphi_increment(spec: ModelSpec, params: dict, u, aux, s, s_prev) -> dict:
                 c1 = c1 + params["b1"]
             return unpool(a1, pool(c1, spec.pool)[1], spec.pool, c1.shape[1])
 
-        g1, g1p = g1_of(s1, s2), g1_of(q1, q2)
+        g1 = g1_of(s1, (s if s_at is None else s_at)[2])
+        g1p = g1_of(q1, (s_prev if prev_at is None else prev_at)[2])
         k, (o, c, _, _) = spec.kernel, params["W12"].shape
         w12 = mm(jnp.concatenate([_patches(s2 - q2, k), _patches(q2, k)], 0).T,
                  jnp.concatenate([g1.reshape(-1, o), (g1 - g1p).reshape(-1, o)], 0))

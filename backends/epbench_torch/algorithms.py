@@ -39,14 +39,13 @@ def nudged_phase(model, params: dict, drives: list, s_star: list, y: Tensor, bet
                  keep_all: bool = False) -> list[list[Tensor]]:
     """K nudged steps from ``s^β_0 = s*`` (appendix eq. 35): ``s^β_{t+1} = F(x, s^β_t, θ)``, plus
     ``h·β(y − s0)`` on the output (the nudge is added to ``dsdt_0``).
-    Returns ``[s^β_0, ..., s^β_K]`` if ``keep_all`` else ``[s^β_K]``."""
-    s = s_star
-    traj = [s]
+    Returns ``[s^β_0, ..., s^β_K]`` if ``keep_all`` else the last two, ``[s^β_{K−1}, s^β_K]``."""
+    traj = [s_star]
     for _ in range(K):
-        s = model.step(params, drives, s, beta, y)
-        if keep_all:
-            traj.append(s)
-    return traj if keep_all else [s]
+        traj.append(model.step(params, drives, traj[-1], beta, y))
+        if not keep_all:
+            del traj[:-2]
+    return traj
 
 
 def convergence(hist: list[list[Tensor]]) -> float:
@@ -56,23 +55,35 @@ def convergence(hist: list[list[Tensor]]) -> float:
     return max(float((a - b).abs().max()) for a, b in zip(hist[-1], hist[-2]))
 
 
+def dphi_difference(model, params: dict, ctx: dict, s: list[list[Tensor]], q: list[list[Tensor]]) -> dict:
+    """∂Φ/∂θ(s[−1]) − ∂Φ/∂θ(q[−1]) (batch-averaged, ``model.dphi_increment``) for the last states
+    of two trajectories ``s`` and ``q`` (oldest first, at least the last two states each). Under
+    ``ModelSpec.late_pool_indices`` (official-code pconv) each end state is pooled with the argmax
+    positions of its predecessor, ``s[−2]`` and ``q[−2]``, as the official step hands them over;
+    otherwise with its own (Lemma 5)."""
+    if model.spec.late_pool_indices:
+        return model.dphi_increment(params, ctx, s[-1], q[-1], s_at=s[-2], q_at=q[-2])
+    return model.dphi_increment(params, ctx, s[-1], q[-1])
+
+
 @torch.no_grad()
-def ep_update(model, params: dict, ctx: dict, s_star: list, s_plus: list, scale: float,
-              s_minus: list | None = None) -> dict:
+def ep_update(model, params: dict, ctx: dict, star: list, plus: list, scale: float,
+              minus: list | None = None) -> dict:
     """The EP update, the direction that is *added* (``θ ← θ + lr·Δθ``): the sum over t = 1..K of
     the weight updates ΔEP_θ(t) of the main text's eq. 10, which telescopes to
 
         Δθ = (∂Φ/∂θ(s^β_K) − ∂Φ/∂θ(s*)) / ep_scale(β),
 
-    or, with symmetric nudging (Laborieux et al. 2021), ``s_minus = s^{−β}_K`` given:
+    or, with symmetric nudging (Laborieux et al. 2021), ``minus`` (ending on s^{−β}_K) given:
 
         Δθ = (∂Φ/∂θ(s^{+β}_K) − ∂Φ/∂θ(s^{−β}_K)) / (2 ep_scale(β)).
 
-    ∂Φ/∂θ is batch-averaged; the difference is formed from the state increments
-    (``model.dphi_increment``).
+    ``star``, ``plus``, ``minus``: the last two states of the first phase ``[s_{T−1}, s*]`` and of
+    the nudged phases ``[s^β_{K−1}, s^β_K]`` (see :func:`dphi_difference`). ∂Φ/∂θ is
+    batch-averaged; the difference is formed from the state increments.
     """
-    lo, div = (s_star, scale) if s_minus is None else (s_minus, 2.0 * scale)
-    return {k: v.div_(div) for k, v in model.dphi_increment(params, ctx, s_plus, lo).items()}
+    lo, div = (star, scale) if minus is None else (minus, 2.0 * scale)
+    return {k: v.div_(div) for k, v in dphi_difference(model, params, ctx, plus, lo).items()}
 
 
 def bptt_sweep(model, params: dict, drives: list, ctx: dict, hist: list[list[Tensor]], y: Tensor,
@@ -156,25 +167,29 @@ def bptt_sweep(model, params: dict, drives: list, ctx: dict, hist: list[list[Ten
 
 
 @torch.no_grad()
-def ep_processes(model, spec: ModelSpec, params: dict, drives: list, ctx: dict, s_star: list, y: Tensor,
+def ep_processes(model, spec: ModelSpec, params: dict, drives: list, ctx: dict, star: list, y: Tensor,
                  beta: float, K: int):
     """One-sided EP processes over K+1 nudged steps from s* (appendix eqs 35-36, main text eq. 10), t = 0..K:
 
         ΔEP_s(t) = Σ_batch (s^β_{t+1} − s^β_t) / (B · ep_scale)
         ΔEP_θ(t) = (∂Φ/∂θ(s^β_t) − ∂Φ/∂θ(s^β_{t−1})) / ep_scale   (t ≥ 1),   ΔEP_θ(0) = 0
 
+    ``star``: the last two states of the first phase, ``[s_{T−1}, s*]`` (the predecessor of s*
+    matters under ``ModelSpec.late_pool_indices``, see :func:`dphi_difference`).
     In the official-code flavour with clamping, ``s^β_{t+1} − s^β_t`` counts as 0 where
     ``s^β_{t+1}`` sits exactly at 0 or 1.
     """
     scale = spec.ep_scale(beta)
+    s_star = star[-1]
     B = s_star[0].shape[0]
     zero_at_bounds = spec.clamp and spec.flavor == "official-code"
     ep_s = [si.new_zeros((K + 1, *si.shape[1:])) for si in s_star]
     ep_theta = {k: v.new_empty((K + 1, *v.shape)) for k, v in params.items()}
     for v in ep_theta.values():
         v[0].zero_()  # ΔEP_θ(0) = 0; every other row is written below
-    s = s_star
+    tail = star[-2:]  # [s^β_{t−1}, s^β_t], with s^β_{−1} := s_{T−1}
     for t in range(K + 1):
+        s = tail[-1]
         new = model.step(params, drives, s, beta, y)
         for i, (a, b) in enumerate(zip(new, s)):
             diff = a - b
@@ -182,7 +197,7 @@ def ep_processes(model, spec: ModelSpec, params: dict, drives: list, ctx: dict, 
                 diff = diff.masked_fill_((a == 0) | (a == 1), 0.0)
             ep_s[i][t] = diff.sum(0).div_(B * scale)
         if t < K:
-            for k, v in model.dphi_increment(params, ctx, new, s).items():
+            for k, v in dphi_difference(model, params, ctx, [s, new], tail).items():
                 torch.div(v, scale, out=ep_theta[k][t + 1])
-        s = new
+        tail = [s, new]
     return ep_s, ep_theta

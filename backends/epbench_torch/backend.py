@@ -246,19 +246,20 @@ class TorchBackend(Backend):
     @_numerics
     def ep_update(self, spec: ModelSpec, params: dict, x: np.ndarray, y: np.ndarray,
                   phase: PhaseSettings) -> dict[str, np.ndarray]:
-        model, params, yt, drives, ctx, hist, (K, _) = self._free(spec, params, x, y, phase, 1)
-        delta = self._ep_delta(spec, model, params, drives, ctx, hist[-1], yt, phase, K)
+        model, params, yt, drives, ctx, hist, (K, _) = self._free(spec, params, x, y, phase, 2)
+        delta = self._ep_delta(spec, model, params, drives, ctx, hist, yt, phase, K)
         return {k: self._np(v) for k, v in delta.items()}
 
     @staticmethod
-    def _ep_delta(spec, model, params, drives, ctx, s_star, yt, phase: PhaseSettings, K: int) -> dict:
-        """The EP update after ``K`` nudged steps of ``model`` (see ``_dynamics``)."""
+    def _ep_delta(spec, model, params, drives, ctx, star, yt, phase: PhaseSettings, K: int) -> dict:
+        """The EP update after ``K`` nudged steps of ``model`` (see ``_dynamics``) from the last
+        two first-phase states ``star = [s_{T−1}, s*]``."""
         from epbench_torch import algorithms as A
 
         b = phase.beta
-        s_plus = A.nudged_phase(model, params, drives, s_star, yt, b, K)[-1]
-        s_minus = A.nudged_phase(model, params, drives, s_star, yt, -b, K)[-1] if phase.symmetric else None
-        return A.ep_update(model, params, ctx, s_star, s_plus, spec.ep_scale(b), s_minus)
+        plus = A.nudged_phase(model, params, drives, star[-1], yt, b, K)
+        minus = A.nudged_phase(model, params, drives, star[-1], yt, -b, K) if phase.symmetric else None
+        return A.ep_update(model, params, ctx, star, plus, spec.ep_scale(b), minus)
 
     @_numerics
     def bptt_grad(self, spec: ModelSpec, params: dict, x: np.ndarray, y: np.ndarray,
@@ -285,9 +286,9 @@ class TorchBackend(Backend):
         self.synchronize()
         t2 = time.perf_counter()
         s_star = hist[-1]
-        ep_s, ep_theta = A.ep_processes(model, spec, params, drives, ctx, s_star, yt, phase.beta, K)
+        ep_s, ep_theta = A.ep_processes(model, spec, params, drives, ctx, hist, yt, phase.beta, K)
         if phase.symmetric:
-            ep_s_m, ep_theta_m = A.ep_processes(model, spec, params, drives, ctx, s_star, yt, -phase.beta, K)
+            ep_s_m, ep_theta_m = A.ep_processes(model, spec, params, drives, ctx, hist, yt, -phase.beta, K)
             ep_s = [(a + b).mul_(0.5) for a, b in zip(ep_s, ep_s_m)]
             for k in ep_theta:
                 ep_theta[k].add_(ep_theta_m[k]).mul_(0.5)
@@ -330,7 +331,7 @@ class TorchBackend(Backend):
         X = X.reshape(X.shape[0], *spec.input_shape)
         lab = torch.as_tensor(np.asarray(labels).reshape(-1), device=dev, dtype=torch.long)
         N = X.shape[0]
-        keep = span + 1 if algorithm == "bptt" else 1
+        keep = span + 1 if algorithm == "bptt" else 2
         errors = torch.zeros((), dtype=torch.long, device=dev)
         seen = 0
         diverged = False
@@ -344,7 +345,7 @@ class TorchBackend(Backend):
             errors += (s_star[0].argmax(1) != lb).sum()
             seen += xb.shape[0]
             if algorithm == "ep":
-                delta = self._ep_delta(spec, model, params, drives, ctx, s_star, yb, phase, K)
+                delta = self._ep_delta(spec, model, params, drives, ctx, hist[-2:], yb, phase, K)
                 sign = 1.0
             else:
                 _, delta = A.bptt_sweep(model, params, drives, ctx, hist, yb, span, per_step=False)

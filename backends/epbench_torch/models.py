@@ -13,7 +13,9 @@ Every model object exposes the same small interface, used by :mod:`epbench_torch
 * ``phi(params, x, s)``: Φ summed over the batch (per-sample ∂Φ/∂s is then F, Theorem 1).
 * ``dphi_dtheta(params, ctx, s)``: ∂Φ/∂θ for every parameter, *batch-averaged*;
   ``dphi_increment(params, ctx, s, q)``: ∂Φ/∂θ(s) − ∂Φ/∂θ(q) from the state increments (the EP
-  update and processes use it: no cancellation of two nearly equal products).
+  update and processes use it: no cancellation of two nearly equal products). ConvModel's also
+  takes the states whose max-pool argmax positions it uses (``s_at``, ``q_at``; by default each
+  state's own): ``ModelSpec.late_pool_indices``.
 * DenseModel's ``step`` also takes ``layers`` (update only those); :class:`Alternated` wraps a P
   model into the double step of ``PhaseSettings.alternate``.
 * ``step_params`` / ``drive_params``: which parameters enter the step directly and which only
@@ -285,15 +287,19 @@ class ConvModel:
         return ((s0 * F.linear(s1.flatten(1), params["W01"], self._b(params, 0))).sum()
                 + (s1 * pool1).sum() + (s2 * drives[2]).sum())
 
+    def _unpooled_s1(self, params: dict, s1: Tensor, at2: Tensor) -> Tensor:
+        """Unpool(s1, idx1) with idx1 the argmax positions of Conv(at2, W12) + b1."""
+        c1 = F.conv2d(at2, params["W12"], self._b(params, 1))
+        _, idx1 = F.max_pool2d(c1, self.pool, return_indices=True)
+        return F.max_unpool2d(s1, idx1, self.pool, output_size=c1.shape[-2:])
+
     def dphi_dtheta(self, params: dict, ctx: dict, s: list) -> dict:
         """∂Φ/∂θ batch-averaged (Lemma 5), argmax positions taken at ``s``:
         ``W01: s0 flat(s1)ᵀ``, ``W12: Unpool(s1, idx1) ⋆ s2``, ``W2x: Unpool(s2, idx2) ⋆ u``, biases Σ_{m,n} s."""
         s0, s1, s2 = s
         B = s0.shape[0]
         W12 = params["W12"]
-        c1 = F.conv2d(s2, W12, self._b(params, 1))
-        _, idx1 = F.max_pool2d(c1, self.pool, return_indices=True)
-        up1 = F.max_unpool2d(s1, idx1, self.pool, output_size=c1.shape[-2:])
+        up1 = self._unpooled_s1(params, s1, s2)
         up2 = F.max_unpool2d(s2, ctx["idx2"], self.pool, output_size=ctx["c2_size"])
         g = {
             "W01": torch.mm(s0.t(), s1.flatten(1)).div_(B),
@@ -306,19 +312,18 @@ class ConvModel:
             g["b2"] = s2.sum((0, 2, 3)).div_(B)
         return g
 
-    def dphi_increment(self, params: dict, ctx: dict, s: list, q: list) -> dict:
-        """∂Φ/∂θ(s) − ∂Φ/∂θ(q) (as :meth:`dphi_dtheta`, argmax positions of each state), from the
-        increments: ``s2⋆g1(s) − q2⋆g1(q) = (s2 − q2)⋆g1(s) + q2⋆(g1(s) − g1(q))`` with
-        g1 = Unpool(s1, idx1), and ``Unpool(s2 − q2, idx2)⋆u`` (idx2 is fixed by x)."""
+    def dphi_increment(self, params: dict, ctx: dict, s: list, q: list,
+                       s_at: list | None = None, q_at: list | None = None) -> dict:
+        """∂Φ/∂θ(s) − ∂Φ/∂θ(q) (as :meth:`dphi_dtheta`, except that the argmax positions idx1 of s
+        are those of the state ``s_at``, of q those of ``q_at``: by default each state's own,
+        Lemma 5; the official-code flavour passes the previous states,
+        ``ModelSpec.late_pool_indices``), from the increments:
+        ``s2⋆g1(s) − q2⋆g1(q) = (s2 − q2)⋆g1(s) + q2⋆(g1(s) − g1(q))`` with g1 = Unpool(s1, idx1),
+        and ``Unpool(s2 − q2, idx2)⋆u`` (idx2 is fixed by x)."""
         B = s[0].shape[0]
         W12 = params["W12"]
-
-        def unpooled_s1(z):
-            c1 = F.conv2d(z[2], W12, self._b(params, 1))
-            _, idx1 = F.max_pool2d(c1, self.pool, return_indices=True)
-            return F.max_unpool2d(z[1], idx1, self.pool, output_size=c1.shape[-2:])
-
-        g1, g1q = unpooled_s1(s), unpooled_s1(q)
+        g1 = self._unpooled_s1(params, s[1], (s if s_at is None else s_at)[2])
+        g1q = self._unpooled_s1(params, q[1], (q if q_at is None else q_at)[2])
         d = [a - b for a, b in zip(s, q)]
         conv_w = torch.nn.grad.conv2d_weight
         g = {
