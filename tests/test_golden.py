@@ -1,15 +1,24 @@
 """The ``official-code`` flavour reproduces the official code's outputs (tests/data/golden).
 
-Everything goes through the Backend API (first_phase, ep_update, bptt_grad, gdu), in float32
-and in float64, with the golden tolerance (relative 1e-4, absolute 1e-6). How the golden arrays
-relate to the API (docs/equations.md, last section):
+Everything goes through the Backend API (first_phase, ep_update, bptt_grad, gdu, train_epoch).
+The float32 references (``p1h``, ``eb1h``) are checked in float32 and float64 at relative 1e-4;
+the float64 references (``float64/p1h``, ``float64/eb1h``, ``float64/pconv``) in float64 at
+relative 1e-8, on every backend that supports the model. How the golden arrays relate to the
+API (docs/equations.md, last section):
 
 * ``nS[t] = bptt_s[i][t]`` and ``dS[t] = −ep_s[i][t]`` for t = 0..K−1, both forced to 0 for t < i;
 * ``NT[k] = Σ_{τ=1..k+1} bptt_theta(τ)`` and ``DT[k] = −Σ_{τ=1..k+1} ep_theta(τ)``;
-* ``ep/…`` is ``ep_update``, ``bptt/…`` is ``bptt_grad`` (official span: K+1 steps);
-* ``s_nudged`` (after K nudged steps) is not returned by the API: it is read back, sample by
-  sample, from the bias part of ``ep_update``, ``∂Φ/∂b_i(s^β_K) = ∂Φ/∂b_i(s*) + ep_scale·Δb_i``
-  with ``∂Φ/∂b_i = h ρ(s_i)`` (EB) or ``s_i`` (P), and compared with ∂Φ/∂b_i of the golden state.
+* ``ep/…`` is ``ep_update``, ``bptt/…`` is ``bptt_grad`` (official span: K+1 steps for the
+  fully connected models, K for pconv); so ``DT[k]`` is also ``−ep_update`` with K = k+1;
+* ``s_nudged`` (after K nudged steps) is not returned by the API: it is read back sample by
+  sample, for the dense models from the bias part of ``ep_update``,
+  ``∂Φ/∂b_i(s^β_K) = ∂Φ/∂b_i(s*) + ep_scale·Δb_i`` with ``∂Φ/∂b_i = h ρ(s_i)`` (EB) or ``s_i`` (P),
+  for pconv (whose bias derivatives are channel sums) from the EP state process,
+  ``s^β_K = s* + ep_scale·Σ_{t<K} ep_s[i][t]``.
+
+P-conv's conv weight processes pool with the argmax positions of the previous state
+(``ModelSpec.late_pool_indices``); :func:`test_pconv_dt_needs_the_late_pool_indices` shows
+that the golden ``DT/conv.0.weight`` rules out the positions of the state itself.
 """
 
 from __future__ import annotations
@@ -20,10 +29,25 @@ import os
 import numpy as np
 import pytest
 
-from epbench.spec import ModelSpec, PhaseSettings
+from conftest import load_backend
+from epbench.spec import ModelSpec, PhaseSettings, TrainSettings
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "data", "golden")
-TOL = dict(rtol=1e-4, atol=1e-6)
+TOL32 = dict(rtol=1e-4, atol=1e-6)
+# float64 references: relative 1e-8, with an absolute floor for the references' own cancellation:
+# the official code forms every EP array as a difference of two ∂Φ/∂θ's, sums of many products
+# of magnitude ≤ 1 scaled by 1/(βB), so an entry carries an absolute rounding error that does not
+# shrink with the difference (pconv's DT/conv.1.weight at t = 0 is ~6e-9, since only s0 moves in
+# the first nudged step, and is off by up to 6e-14 on every backend). 1e-12 is 17 times the
+# largest absolute error measured over the three files and the three backends.
+TOL64 = dict(rtol=1e-8, atol=1e-12)
+#: backends that the float64 references are checked on (each where it supports the model)
+BACKENDS64 = ["torch-cpu", "jax-cpu", "numpy"]
+
+#: pconv parameter names of the official code → canonical names (classifier, conv nearest to it,
+#: input-side conv)
+PCONV_NAMES = {"fc.0.weight": "W01", "fc.0.bias": "b0", "conv.0.weight": "W12", "conv.0.bias": "b1",
+               "conv.1.weight": "W2x", "conv.1.bias": "b2"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,20 +65,30 @@ def _one_torch_thread():
 
 
 def load_golden(name):
+    """(arrays, spec, phase settings, golden name → canonical name, parameters) of one file,
+    ``name`` relative to tests/data/golden without ``.npz``. The spec is built from ``config``."""
     data = np.load(os.path.join(GOLDEN_DIR, f"{name}.npz"))
     cfg = json.loads(str(data["config"]))
-    kind = {"EPdisc": "p", "EPcont": "eb"}[cfg["cls"]]
     act = {"sigm": "sigmoid", "hardsigm": "hard_sigmoid", "tanh": "tanh"}[cfg["act"]]
-    n_out, *hidden, n_in = cfg["size_tab"]
-    spec = ModelSpec(kind=kind, n_in=n_in, hidden=tuple(hidden), n_out=n_out, activation=act, dt=cfg["dt"],
-                     clamp=(kind == "eb" and not cfg.get("no_clamp", False)), flavor="official-code")
+    if cfg["cls"] == "convEP":  # C_tab lists the channels output side first, the input's 1 last
+        *channels, c_in = cfg["C_tab"]
+        assert c_in == 1 and data["x"].shape[1:] == (1, 28, 28)
+        spec = ModelSpec(kind="pconv", n_in=28 * 28, channels=tuple(reversed(channels)), n_out=cfg["size_tab"][0],
+                         kernel=5, pool=2, activation=act, dt=cfg["dt"], flavor="official-code")
+        names = dict(PCONV_NAMES)
+    else:
+        kind = {"EPdisc": "p", "EPcont": "eb"}[cfg["cls"]]
+        n_out, *hidden, n_in = cfg["size_tab"]
+        spec = ModelSpec(kind=kind, n_in=n_in, hidden=tuple(hidden), n_out=n_out, activation=act, dt=cfg["dt"],
+                         clamp=(kind == "eb" and not cfg.get("no_clamp", False)), flavor="official-code")
+        L = spec.n_layers - 1
+        names = {}
+        for i in range(L + 1):
+            names[f"w.{2 * i}.weight"] = f"W{i}{i + 1}" if i < L else f"W{L}x"
+            names[f"w.{2 * i}.bias"] = f"b{i}"
     phase = dict(T=cfg["T"], K=cfg["Kmax"], beta=cfg["beta"])
-    L = spec.n_layers - 1
-    names = {}  # golden name -> canonical name
-    for i in range(L + 1):
-        names[f"w.{2 * i}.weight"] = f"W{i}{i + 1}" if i < L else f"W{L}x"
-        names[f"w.{2 * i}.bias"] = f"b{i}"
     params = {names[k[len("params/"):]]: data[k] for k in data.files if k.startswith("params/")}
+    assert set(params) == set(spec.param_shapes)
     return data, spec, phase, names, params
 
 
@@ -68,13 +102,12 @@ def dphi_db(spec, s):
     return spec.step * sigmoid(s) if spec.energy_based else s
 
 
-@pytest.fixture(params=["p1h", "eb1h"])
-def golden(request):
-    return load_golden(request.param)
+def weight_names(names):
+    return {g: n for g, n in names.items() if g.endswith(".weight")}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_golden_reproduced(backend, golden, dtype):
+def check_reproduced(backend, golden, dtype, tol):
+    """Every array of one golden file through the Backend API."""
     data, spec, ph, names, p_np = golden
     phase = PhaseSettings(**ph, dtype=dtype)
     P = backend.from_numpy(spec, p_np, dtype)
@@ -83,42 +116,147 @@ def test_golden_reproduced(backend, golden, dtype):
 
     s_free = backend.first_phase(spec, P, x, phase.T)
     for i in range(L + 1):
-        np.testing.assert_allclose(s_free[i], data[f"s_free/{i}"], **TOL, err_msg=f"s_free/{i}")
+        np.testing.assert_allclose(s_free[i], data[f"s_free/{i}"], **tol, err_msg=f"s_free/{i}")
 
     ep = backend.ep_update(spec, P, x, y, phase)
     bp = backend.bptt_grad(spec, P, x, y, phase)
     for gname, name in names.items():
-        np.testing.assert_allclose(ep[name], data[f"ep/{gname}"], **TOL, err_msg=f"ep/{gname}")
-        np.testing.assert_allclose(bp[name], data[f"bptt/{gname}"], **TOL, err_msg=f"bptt/{gname}")
+        np.testing.assert_allclose(ep[name], data[f"ep/{gname}"], **tol, err_msg=f"ep/{gname}")
+        np.testing.assert_allclose(bp[name], data[f"bptt/{gname}"], **tol, err_msg=f"bptt/{gname}")
 
     g = backend.gdu(spec, P, x, y, phase)
     for i in range(L + 1):
-        np.testing.assert_allclose(g.s_free[i], data[f"s_free/{i}"], **TOL)
+        np.testing.assert_allclose(g.s_free[i], data[f"s_free/{i}"], **tol)
         nS = np.array(g.bptt_s[i][:K], dtype=np.float64)
         dS = -np.array(g.ep_s[i][:K], dtype=np.float64)
         nS[:i] = 0.0  # the plotting convention of the official code
         dS[:i] = 0.0
-        np.testing.assert_allclose(nS, data[f"nS/{i}"][:, 0], **TOL, err_msg=f"nS/{i}")
-        np.testing.assert_allclose(dS, data[f"dS/{i}"][:, 0], **TOL, err_msg=f"dS/{i}")
-    for gname, name in names.items():
-        if gname.endswith(".weight"):
-            NT = np.cumsum(np.asarray(g.bptt_theta[name][1:], dtype=np.float64), axis=0)
-            DT = -np.cumsum(np.asarray(g.ep_theta[name][1:], dtype=np.float64), axis=0)
-            np.testing.assert_allclose(NT, data[f"NT/{gname}"], **TOL, err_msg=f"NT/{gname}")
-            np.testing.assert_allclose(DT, data[f"DT/{gname}"], **TOL, err_msg=f"DT/{gname}")
+        np.testing.assert_allclose(nS, data[f"nS/{i}"][:, 0], **tol, err_msg=f"nS/{i}")
+        np.testing.assert_allclose(dS, data[f"dS/{i}"][:, 0], **tol, err_msg=f"dS/{i}")
+    for gname, name in weight_names(names).items():
+        NT = np.cumsum(np.asarray(g.bptt_theta[name][1:], dtype=np.float64), axis=0)
+        DT = -np.cumsum(np.asarray(g.ep_theta[name][1:], dtype=np.float64), axis=0)
+        np.testing.assert_allclose(NT, data[f"NT/{gname}"], **tol, err_msg=f"NT/{gname}")
+        np.testing.assert_allclose(DT, data[f"DT/{gname}"], **tol, err_msg=f"DT/{gname}")
 
 
-def test_golden_nudged_states(backend, golden):
-    """s_nudged (K nudged steps), read back per sample from the bias part of ep_update."""
+def check_nudged_states(backend, golden, tol):
+    """s_nudged (K nudged steps from s*), read back per sample (float64 runs)."""
     data, spec, ph, _, p_np = golden
     phase = PhaseSettings(**ph, dtype="float64")
     P = backend.from_numpy(spec, p_np, "float64")
     x, y = data["x"], data["y"]
     scale = spec.ep_scale(phase.beta)
     for j in range(x.shape[0]):
-        s_star = backend.first_phase(spec, P, x[j:j + 1], phase.T)
-        delta = backend.ep_update(spec, P, x[j:j + 1], y[j:j + 1], phase)
+        xj, yj = x[j:j + 1], y[j:j + 1]
+        if spec.kind == "pconv":  # not clamped: the EP state process sums to s^β_K − s*
+            g = backend.gdu(spec, P, xj, yj, phase)
+            for i in range(spec.n_layers):
+                got = g.s_free[i][0] + scale * np.sum(g.ep_s[i][:phase.K], axis=0)
+                np.testing.assert_allclose(got, data[f"s_nudged/{i}"][j], **tol, err_msg=f"s_nudged/{i}, sample {j}")
+            continue
+        s_star = backend.first_phase(spec, P, xj, phase.T)
+        delta = backend.ep_update(spec, P, xj, yj, phase)
         for i in range(spec.n_layers):
             got = dphi_db(spec, s_star[i][0].astype(np.float64)) + scale * delta[f"b{i}"]
             want = dphi_db(spec, data[f"s_nudged/{i}"][j].astype(np.float64))
-            np.testing.assert_allclose(got, want, **TOL, err_msg=f"s_nudged/{i}, sample {j}")
+            np.testing.assert_allclose(got, want, **tol, err_msg=f"s_nudged/{i}, sample {j}")
+
+
+# ----- float32 references --------------------------------------------------------------------
+@pytest.fixture(params=["p1h", "eb1h"])
+def golden(request):
+    return load_golden(request.param)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_golden_reproduced(backend, golden, dtype):
+    check_reproduced(backend, golden, dtype, TOL32)
+
+
+def test_golden_nudged_states(backend, golden):
+    check_nudged_states(backend, golden, TOL32)
+
+
+# ----- float64 references --------------------------------------------------------------------
+@pytest.fixture(params=BACKENDS64)
+def backend64(request):
+    return load_backend(request.param)
+
+
+@pytest.fixture(params=["p1h", "eb1h", "pconv"])
+def golden64(request, backend64):
+    golden = load_golden(f"float64/{request.param}")
+    if golden[1].kind not in backend64.capabilities.kinds:
+        pytest.skip(f"{backend64.name} does not support {golden[1].kind}")
+    return golden
+
+
+def test_golden64_reproduced(backend64, golden64):
+    check_reproduced(backend64, golden64, "float64", TOL64)
+
+
+def test_golden64_nudged_states(backend64, golden64):
+    check_nudged_states(backend64, golden64, TOL64)
+
+
+def test_pconv_ep_update_and_training_follow_the_late_pool_indices(backend):
+    """The EP update and one EP training step with K nudged steps are −DT[K−1]; at K = 3 the
+    argmax positions of s^β_{K−1} and s^β_K differ (see the next test), so the update itself
+    depends on the rule, whether asked for (ep_update) or applied with learning rate 1
+    (train_epoch)."""
+    K = 3
+    data, spec, ph, names, p_np = load_golden("float64/pconv")
+    phase = PhaseSettings(**dict(ph, K=K), dtype="float64")
+    P = backend.from_numpy(spec, p_np, "float64")
+    x, y = data["x"], data["y"]
+    ep = backend.ep_update(spec, P, x, y, phase)
+    train = TrainSettings(lrs=(1.0,) * spec.n_layers, batch_size=x.shape[0])
+    res = backend.train_epoch(spec, P, x, y.argmax(1), phase, train, "ep")
+    trained = backend.to_numpy(spec, res.params)
+    for gname, name in weight_names(names).items():
+        want = -data[f"DT/{gname}"][K - 1]
+        np.testing.assert_allclose(ep[name], want, **TOL64, err_msg=f"ep_update {gname}")
+        np.testing.assert_allclose(trained[name] - p_np[name], want, **TOL64, err_msg=f"train_epoch {gname}")
+
+
+# ----- the pooling-index rule -----------------------------------------------------------------
+def _dt_w12_both_rules(spec, p_np, x, y, phase):
+    """DT[t] of W12 for t = 0..K−1 from torch-cpu's own nudged trajectory and ∂Φ/∂θ, with the
+    argmax positions of the previous state (the rule) and of the state itself (Lemma 5)."""
+    import torch
+
+    from epbench_torch import algorithms as A
+    from epbench_torch.models import build_model
+
+    K, scale = phase.K, spec.ep_scale(phase.beta)
+    model = build_model(spec)
+    params = {k: torch.tensor(v) for k, v in p_np.items()}
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    drives, ctx = model.drive(params, xt)
+    hist = A.free_phase(model, params, drives, A.zero_states(spec, x.shape[0], xt), phase.T, keep=2)
+    traj = [hist[0]] + A.nudged_phase(model, params, drives, hist[1], yt, phase.beta, K, keep_all=True)
+
+    def dt(t, late):  # traj[0] = s_{T−1}, traj[1] = s*, traj[t + 2] = s^β_{t+1}
+        at = dict(s_at=traj[t + 1], q_at=traj[0]) if late else {}
+        return -model.dphi_increment(params, ctx, traj[t + 2], traj[1], **at)["W12"].numpy() / scale
+
+    return [np.stack([dt(t, late) for t in range(K)]) for late in (True, False)]
+
+
+def test_pconv_dt_needs_the_late_pool_indices():
+    """DT/conv.0.weight of the official code is matched at every step with the argmax positions
+    of the previous state, and missed at some step with those of the state itself: the two
+    rules are distinguishable on this batch, so the golden comparison can fail (on torch-cpu's
+    dynamics and ∂Φ/∂θ; every backend's are compared with the golden arrays above)."""
+    load_backend("torch-cpu")
+    data, spec, ph, _, p_np = load_golden("float64/pconv")
+    assert spec.late_pool_indices
+    phase = PhaseSettings(**ph, dtype="float64")
+    late, own = _dt_w12_both_rules(spec, p_np, data["x"], data["y"], phase)
+    want = data["DT/conv.0.weight"]
+    np.testing.assert_allclose(late, want, **TOL64)
+    off = [t for t in range(phase.K) if not np.allclose(own[t], want[t], **TOL64)]
+    assert off, "the state's own argmax positions reproduce DT/conv.0.weight too"
+    worst = max(np.abs(own[t] - want[t]).max() / np.abs(want[t]).max() for t in off)
+    assert worst > 0.1, worst
