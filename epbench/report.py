@@ -18,6 +18,7 @@ import pandas as pd
 
 from epbench import figures as figs
 from epbench import paper
+from epbench.convergence import DRIFT_SHARE, converged, drift_ratio, theorem1_prediction
 from epbench.results import atomic_write_text, read_meta, read_table, safe_name, to_frame
 
 FIGURES = "figures"
@@ -90,10 +91,11 @@ def _is_neuron(layer: str) -> bool:
 # ----- GDU (Table 3) -------------------------------------------------------------------------------
 def _sanity(preset: str | None, rel: dict[str, float], batch_size: int, desc: dict, kind: str,
             at_table3: bool = True) -> tuple[str, str]:
-    """("in range" | "out of range" | "", detail) against FACTS §8 (official code only)."""
+    """("in range" | "out of range" | "", detail) against the official code's magnitudes,
+    :data:`epbench.paper.SANITY` (official-code rows only)."""
     ref = paper.SANITY.get(preset or "")
     if ref is None:
-        return "", "no §8 reference"
+        return "", "no official-code reference"
     bad, checked = [], 0
     neurons = [l for l in rel if _is_neuron(l)]
     weights = [l for l in rel if l.startswith("W")]
@@ -116,9 +118,9 @@ def _sanity(preset: str | None, rel: dict[str, float], batch_size: int, desc: di
         return "", "nothing to compare"
     notes = []
     if batch_size > 0 and batch_size != ref.batch_size:
-        notes.append(f"§8 used B={ref.batch_size}")
+        notes.append(f"reference used B={ref.batch_size}")
     if kind == "p" and _isnum(desc["dt"]) and desc["dt"] != 1.0:
-        notes.append("§8 used dt=1")
+        notes.append("reference used dt=1")
     if not at_table3:
         notes.append("settings differ from Table 3")
     detail = "; ".join(bad + notes)
@@ -128,7 +130,10 @@ def _sanity(preset: str | None, rel: dict[str, float], batch_size: int, desc: di
 def summarize_gdu(df: pd.DataFrame) -> pd.DataFrame:
     """One row per GDU experiment × flavour × nudging × β: settings, per-layer means over trials
     (``relmse_<layer>``, ``sign_<layer>``, ``cosine_<layer>``), their ranges, the first-phase
-    convergence, and the FACTS §8 check of official-code rows (``sanity``, ``sanity_detail``)."""
+    convergence (mean and worst trial), ``relmse_neurons`` (mean over the neuron layers),
+    ``drift_ratio`` (worst trial) and ``converged`` (True, False or None when unknown) by the rule
+    of :mod:`epbench.convergence`, and the check of official-code rows against the official
+    code's magnitudes (``sanity``, ``sanity_detail``)."""
     gdu = df[df["task"] == "gdu"] if "task" in df else df.iloc[0:0]
     records = []
     for (exp, _, symmetric, beta), rows in _groups(gdu, figs.VARIANT):
@@ -157,6 +162,11 @@ def summarize_gdu(df: pd.DataFrame) -> pd.DataFrame:
             "cosine_min": min(cos.values()) if cos else float("nan"),
             "cosine_max": max(cos.values()) if cos else float("nan"),
         }
+        neurons = [v for k, v in rel.items() if _is_neuron(k)]
+        rec["relmse_neurons"] = float(np.mean(neurons)) if neurons else float("nan")
+        rec["drift_ratio"] = drift_ratio(rec["convergence_max"], first["model"], desc["dt"], float(beta),
+                                         bool(symmetric))
+        rec["converged"] = converged(rec["drift_ratio"], rec["relmse_neurons"])
         rec.update({f"relmse_{k}": v for k, v in rel.items()})
         rec.update({f"sign_{k}": v for k, v in sign.items()})
         rec.update({f"cosine_{k}": v for k, v in cos.items()})
@@ -199,10 +209,27 @@ def _range_text(lo, hi, fmt) -> str:
     return fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
 
 
+def _flagged(value) -> bool:
+    """A ``converged`` value that says not converged (False or numpy's False; None is unknown)."""
+    return value is not None and not pd.isna(value) and not bool(value)
+
+
+def _converged_text(r: pd.Series) -> str:
+    """'yes (r 5.6e-05)', '**no** (r 1.2e+02)' or '—' (see :mod:`epbench.convergence`)."""
+    if r["converged"] is None or not _isnum(r["drift_ratio"]):
+        return "—"
+    return f"{'yes' if r['converged'] else '**no**'} (r {_g(r['drift_ratio'], 2)})"
+
+
+def _relmse_cell(r: pd.Series, layers: str) -> str:
+    text = _layers_text(r, "relmse", layers)
+    return f"**not converged** ({text})" if _flagged(r["converged"]) else text
+
+
 def _gdu_markdown(summary: pd.DataFrame) -> str:
     header = ["experiment", "flavour", "activation", "T", "K", "β", "ε / dt", "B", "n", "RelMSE neurons",
-              "RelMSE weights", "same sign %", "cosine", "‖s_T − s_{T−1}‖", "Table 3 settings",
-              "vs §8 official code (×3)"]
+              "RelMSE weights", "same sign %", "cosine", "‖s_T − s_{T−1}‖", "converged (drift ratio r)",
+              "Table 3 settings", "vs official-code magnitudes (×3)"]
     rows = []
     for _, r in summary.iterrows():
         sign = _range_text(r["sign_min"], r["sign_max"], lambda v: f"{v:.1f}")
@@ -214,20 +241,49 @@ def _gdu_markdown(summary: pd.DataFrame) -> str:
             check = r["sanity_detail"] or "—"
         beta = f"±{abs(r['beta']):g}" if r["symmetric"] else f"{r['beta']:g}"
         rows.append([r["experiment"], r["flavor"], r["activation"], r["T"], r["K"], beta, _g(r["dt"]),
-                     r["batch_size"], r["n_trials"], _layers_text(r, "relmse", r["neuron_layers"]),
-                     _layers_text(r, "relmse", r["weight_layers"]), sign,
+                     r["batch_size"], r["n_trials"], _relmse_cell(r, r["neuron_layers"]),
+                     _relmse_cell(r, r["weight_layers"]), sign,
                      _range_text(r["cosine_min"], r["cosine_max"], lambda v: f"{v:.4f}"),
-                     _g(r["convergence"], 2), r["table3"] or "—", check])
+                     _g(r["convergence_max"], 2), _converged_text(r), r["table3"] or "—", check])
     return _table(header, rows)
 
 
+def _variant_name(r: pd.Series) -> str:
+    beta = f"±β = {abs(r['beta']):g}" if r["symmetric"] else f"β = {r['beta']:g}"
+    return f"{r['experiment']} ({r['flavor']}, {beta})"
+
+
+def _gdu_section(summary: pd.DataFrame) -> list[str]:
+    """The GDU section's heading, text, table and, in bold, every row whose first phase has not
+    converged (:mod:`epbench.convergence`)."""
+    out = ["## GDU property: EP updates vs BPTT gradients (Table 3)", "",
+           "RelMSE(ΔEP, −∇BPTT) per layer (appendix eq. 67; mean over trials; 0 means identical processes), "
+           "% of parameters whose cumulative EP update and −BPTT gradient share a sign, cosine similarity "
+           "(range over layers), and the first phase's leftover step ‖s_T − s_{T−1}‖_∞ (worst trial). "
+           "Theorem 1 compares the processes from a steady state: a row counts as converged when the drift "
+           "ratio r = ‖s_T − s_{T−1}‖_∞ / ep_scale(β) (the most the leftover drift adds to an entry of ΔEP_s; "
+           "ep_scale = εβ for EB and toy, β for P; with symmetric nudging the drift cancels between +β and −β "
+           f"and r = ‖s_T − s_{{T−1}}‖_∞ / (ep_scale / β)) is at most {DRIFT_SHARE:g} × its neuron-mean RelMSE; "
+           "otherwise its RelMSE measures the drift, not the GDU property. Official-code rows are checked "
+           "against the magnitudes the official code gives at Table 3 settings (in range = within a factor of "
+           f"{paper.SANITY_FACTOR:g}).", "", _gdu_markdown(summary), ""]
+    bad = summary[summary["converged"].apply(_flagged)] if not summary.empty else summary
+    for _, r in bad.iterrows():
+        out += [f"**Not converged: {_variant_name(r)}, ‖s_T − s_{{T−1}}‖_∞ = {_g(r['convergence_max'], 2)} after "
+                f"T = {r['T']} steps, drift ratio r = {_g(r['drift_ratio'], 2)} > {DRIFT_SHARE:g} × RelMSE "
+                f"{_g(r['relmse_neurons'], 2)}. Its RelMSE values do not measure the GDU property.**", ""]
+    return out
+
+
+#: the official code's departures from the appendix (the ``flavor`` switches of epbench.spec.ModelSpec)
 _FLAVOUR_WHY = {
     "eb": ("the official code omits σ'(s⁰) on the EB output layer, so its Jacobian is not symmetric "
-           "(FACTS §7.1); it also adds biases and uses PyTorch's default initialisation (§7.3-4)"),
-    "toy": "the official code adds biases and uses PyTorch's default initialisation (FACTS §7.3-4)",
-    "p": ("the official code adds biases, uses PyTorch's default initialisation and, unless dt = 1 is "
-          "passed, a leak dt = 0.2 in the P dynamics (FACTS §7.2-4)"),
-    "pconv": "the official code adds biases and uses PyTorch's default initialisation (FACTS §7.3-4)",
+           "(docs/equations.md, EB); it also adds biases and uses PyTorch's default initialisation "
+           "instead of the appendix's Glorot"),
+    "toy": "the official code adds biases and uses PyTorch's default initialisation instead of Glorot",
+    "p": ("the official code adds biases, uses PyTorch's default initialisation instead of Glorot and, "
+          "unless dt = 1 is passed, a leak dt = 0.2 in the P dynamics (appendix C.4 has none)"),
+    "pconv": "the official code adds biases and uses PyTorch's default initialisation instead of Glorot",
 }
 
 
@@ -263,8 +319,11 @@ def flavour_comparison(summary: pd.DataFrame) -> list[str]:
         if _isnum(p["dt"]) and _isnum(o["dt"]) and p["dt"] != o["dt"]:
             dts = f" Here dt = {p['dt']:g} (paper) and {o['dt']:g} (official code)."
         why = _FLAVOUR_WHY.get(str(p["model"]), "")
+        stale = [name for name, r in (("paper", p), ("official-code", o)) if _flagged(r["converged"])]
+        warn = (f" **Not converged ({' and '.join(stale)} flavour): these values do not measure the GDU "
+                f"property.**" if stale else "")
         out.append(f"**{paper.DISPLAY.get(preset, preset)}** ({betas}), RelMSE: " + "; ".join(parts) + "."
-                   + (f" The flavours differ in that {why}." if why else "") + dts)
+                   + warn + (f" The flavours differ in that {why}." if why else "") + dts)
     return out
 
 
@@ -280,19 +339,34 @@ def _with_family(df: pd.DataFrame) -> pd.DataFrame:
 
 def summarize_theorem1(df: pd.DataFrame, layer: str | None = None) -> pd.DataFrame:
     """β sweeps: per family (preset or experiment, T, K, dtype) with several β, RelMSE (mean over
-    neuron layers, or ``layer``) per (flavor, symmetric, β) and the fitted log-log slope."""
-    cols = ["family", "flavor", "symmetric", "beta", "relmse", "n", "slope"]
-    gdu = df[(df["task"] == "gdu") & (df["metric"] == "relmse") & (df["algorithm"] == "ep_vs_bptt")]
+    neuron layers, or ``layer``) per (flavor, symmetric, β), the fitted log-log slope of each line
+    (over all its points), what Theorem 1 predicts for it (``prediction``), and per point the worst
+    first-phase ``convergence``, its ``drift_ratio`` and ``converged`` (:mod:`epbench.convergence`)."""
+    cols = ["family", "flavor", "symmetric", "beta", "relmse", "n", "slope", "prediction", "convergence",
+            "drift_ratio", "converged"]
+    gdu = df[(df["task"] == "gdu") & (df["algorithm"] == "ep_vs_bptt") & (df["metric"] == "relmse")]
     if gdu.empty:
         return pd.DataFrame(columns=cols)
+    conv = _with_family(df[(df["task"] == "gdu") & (df["algorithm"] == "ep") & (df["metric"] == "convergence")])
+    conv = conv.assign(beta=conv["beta"].abs())
     frames = []
     for family, rows in _groups(_with_family(gdu), ["family"]):
+        family = family[0] if isinstance(family, tuple) else family
         lines = figs.theorem1_lines(rows, layer)
         if lines.empty or lines.groupby(["flavor", "symmetric"])["beta"].nunique().max() < 2:
             continue
         slopes = {key: figs.fit_slope(g["beta"], g["relmse"]) for key, g in lines.groupby(["flavor", "symmetric"])}
-        lines = lines.assign(family=family[0] if isinstance(family, tuple) else family,
-                             slope=[slopes[k] for k in zip(lines["flavor"], lines["symmetric"])])
+        model = {f: g.iloc[0] for f, g in rows.groupby("flavor")}
+        points = []
+        for f, s, b, value in zip(lines["flavor"], lines["symmetric"], lines["beta"], lines["relmse"]):
+            first = model[f]
+            c = conv[(conv["family"] == family) & (conv["flavor"] == f) & (conv["symmetric"] == s)
+                     & (conv["beta"] == b)]["value"]
+            worst = float(c.max()) if len(c) else float("nan")
+            ratio = drift_ratio(worst, first["model"], parse_model_desc(first["model_desc"])["dt"], b, bool(s))
+            points.append({"slope": slopes[(f, s)], "prediction": theorem1_prediction(first["model"], f, bool(s)),
+                           "convergence": worst, "drift_ratio": ratio, "converged": converged(ratio, value)})
+        lines = lines.reset_index(drop=True).join(pd.DataFrame(points)).assign(family=family)
         frames.append(lines)
     return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
 
@@ -305,14 +379,47 @@ def _theorem1_markdown(t1: pd.DataFrame, family: str) -> str:
     for beta in sorted(rows["beta"].unique(), reverse=True):
         line = [f"{beta:g}"]
         for f, s in keys:
-            v = rows[(rows["flavor"] == f) & (rows["symmetric"] == s) & (rows["beta"] == beta)]["relmse"]
-            line.append(_g(v.iloc[0]) if len(v) else "—")
+            v = rows[(rows["flavor"] == f) & (rows["symmetric"] == s) & (rows["beta"] == beta)]
+            if not len(v):
+                line.append("—")
+            elif _flagged(v["converged"].iloc[0]):
+                line.append(f"**{_g(v['relmse'].iloc[0])} not converged (r {_g(v['drift_ratio'].iloc[0], 2)})**")
+            else:
+                line.append(_g(v["relmse"].iloc[0]))
         body.append(line)
-    slopes = ["fitted slope (log-log)"]
+    slopes, expected = ["fitted slope (log-log)"], ["Theorem 1 predicts"]
     for f, s in keys:
-        slopes.append(_f(rows[(rows["flavor"] == f) & (rows["symmetric"] == s)]["slope"].iloc[0]))
-    body.append(slopes)
+        line = rows[(rows["flavor"] == f) & (rows["symmetric"] == s)]
+        stale = int(line["converged"].apply(_flagged).sum())
+        slope = _f(line["slope"].iloc[0])
+        slopes.append(f"**{slope} ({stale} point(s) not converged)**" if stale else slope)
+        expected.append(line["prediction"].iloc[0])
+    body += [slopes, expected]
     return _table(header, body)
+
+
+def _theorem1_intro(t1: pd.DataFrame) -> list[str]:
+    """The Theorem 1 section's text: what each line is expected to show, the convergence rule, and
+    in bold every point whose first phase has not converged."""
+    out = ["## Theorem 1: RelMSE against β", "",
+           "RelMSE averaged over the neuron layers, against β, one-sided (β) and symmetric (±β) nudging. "
+           "Theorem 1 says ΔEP → −∇BPTT as β → 0 when the dynamics derive from a primitive function, "
+           "F = ∂Φ/∂s: the toy model (σ' on both layers in either flavour) and the EB models of the paper "
+           "flavour (σ'(s⁰) on the output). There RelMSE falls like β with one-sided nudging and like β² with "
+           "symmetric nudging, until float64 rounding (about 1e-16 / ep_scale, relative) stops it. The "
+           "official-code EB (no σ'(s⁰), so F ≠ ∂Φ/∂s) and the P models (F = ∂Φ/∂s only when the activation "
+           "is ignored, appendix eq. 73) level off at a floor instead. The row \"Theorem 1 predicts\" of each "
+           "table says which applies. A point counts only if its first phase has converged for its β: "
+           f"drift ratio r = ‖s_T − s_{{T−1}}‖_∞ / ep_scale(β) ≤ {DRIFT_SHARE:g} × its RelMSE (the one-sided "
+           "EP process divides the first phase's leftover drift by ep_scale, which shrinks with β; with symmetric "
+           "nudging the drift cancels between +β and −β, and r = ‖s_T − s_{T−1}‖_∞ / (ep_scale / β)).", ""]
+    bad = t1[t1["converged"].apply(_flagged)]
+    for _, r in bad.iterrows():
+        nudge = "±β" if r["symmetric"] else "β"
+        out += [f"**Not converged: {r['family']}, {r['flavor']}, {nudge} = {r['beta']:g}: ‖s_T − s_{{T−1}}‖_∞ = "
+                f"{_g(r['convergence'], 2)}, r = {_g(r['drift_ratio'], 2)} > {DRIFT_SHARE:g} × RelMSE "
+                f"{_g(r['relmse'], 2)}.**", ""]
+    return out
 
 
 # ----- training (Tables 4 and 1) -------------------------------------------------------------------
@@ -618,12 +725,7 @@ def render_report(run_dir: str | os.PathLike, svg: bool = False) -> Path:
     gdu = df[df["task"] == "gdu"]
     if not gdu.empty:
         summary = summarize_gdu(df)
-        out += ["## GDU property: EP updates vs BPTT gradients (Table 3)", "",
-                "RelMSE(ΔEP, −∇BPTT) per layer (mean over trials; 0 means identical processes), % of "
-                "parameters whose cumulative EP update and −BPTT gradient share a sign, cosine similarity "
-                "(range over layers), and the first-phase convergence ‖s_T − s_{T−1}‖. Official-code rows are "
-                "checked against the FACTS §8 magnitudes of the official code (in range = within a factor of "
-                f"{paper.SANITY_FACTOR:g}).", "", _gdu_markdown(summary), ""]
+        out += _gdu_section(summary)
         sentences = flavour_comparison(summary)
         if sentences:
             out += ["### Paper flavour vs official-code flavour", ""] + [f"- {s}" for s in sentences] + [""]
@@ -642,10 +744,7 @@ def render_report(run_dir: str | os.PathLike, svg: bool = False) -> Path:
 
         t1 = summarize_theorem1(df)
         if not t1.empty:
-            out += ["## Theorem 1: RelMSE against β", "",
-                    "RelMSE averaged over the neuron layers. Theorem 1 predicts RelMSE → 0 as β → 0 for the "
-                    "paper's energy-based models: about ∝ β with one-sided nudging, ∝ β² with symmetric "
-                    "nudging (FACTS §9); asymmetric variants level off at a floor.", ""]
+            out += _theorem1_intro(t1)
             families = _with_family(gdu)
             for family in dict.fromkeys(t1["family"]):
                 stem = figure(figs.theorem1_plot, families[families["family"] == family],
