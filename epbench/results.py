@@ -154,7 +154,8 @@ def fs_error(path: str | os.PathLike, exc: OSError, doing: str = "cannot write")
 #: parquet and csv.gz together on the bundled table3 suite; a fresh copy is written beside the old
 #: one at each update, hence the room for two)
 BYTES_PER_ROW = 64
-#: bytes allowed per figure (PNG + SVG; the largest measured pair, P-3h's GDU processes, is 0.9 MB)
+#: bytes allowed per figure (PNG, and SVG with --svg: the largest measured pair, P-3h's GDU
+#: processes, is 0.9 MB)
 BYTES_PER_FIGURE = 1 << 20
 
 
@@ -164,6 +165,7 @@ def check_output_dir(root: str | os.PathLike, need_bytes: int = 0) -> Path:
     miss read-only mounts, and root ignores them), and it has ``need_bytes`` free. Raises
     :class:`EpbenchError` naming the path and the cause."""
     root = Path(root)
+    made = [p for p in (root, *root.absolute().parents) if not p.exists()]  # deepest first
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=root, prefix=".epbench-probe-")
@@ -173,6 +175,11 @@ def check_output_dir(root: str | os.PathLike, need_bytes: int = 0) -> Path:
         raise fs_error(root, exc, "--out: cannot write there") from None
     free = shutil.disk_usage(root).free
     if need_bytes and free < need_bytes:
+        for folder in made:  # leave nothing behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise EpbenchError(f"{root}: --out: not enough free space: {free / 1e6:.1f} MB free, the run needs "
                            f"about {need_bytes / 1e6:.1f} MB")
     return root

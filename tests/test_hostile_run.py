@@ -276,9 +276,10 @@ def test_not_enough_space_is_refused_before_the_run(tmp_path, capsys, mounts):
         pytest.skip("cannot mount a small tmpfs here")
     mounts.append(target)
     suite = suite_file(tmp_path, gdu(), train())
-    rc, _, lines = run_main(capsys, "run", str(suite), "--out", str(target))
-    assert_one_error(rc, lines, str(target), "not enough free space", "MB free, the run needs about")
-    assert run_dirs(target) == []
+    out = target / "new" / "results"
+    rc, _, lines = run_main(capsys, "run", str(suite), "--out", str(out))
+    assert_one_error(rc, lines, str(out), "not enough free space", "MB free, the run needs about")
+    assert list(target.iterdir()) == []  # the folders --out named are not left behind
 
 
 @pytest.mark.parametrize("meta_writable", [True, False])
