@@ -184,7 +184,7 @@ def test_dataset_fault_stops_before_the_run_directory(tmp_path, capsys, fault):
     out = tmp_path / "results"
     rc, _, lines = run_main(capsys, "run", str(suite), "--data-dir", str(data), "--out", str(out))
     assert_one_error(rc, lines, expected)
-    assert run_dirs(out) == []
+    assert not out.exists()  # nothing created
 
 
 def test_missing_data_dir_stops_before_the_run_directory(tmp_path, capsys):
@@ -192,7 +192,7 @@ def test_missing_data_dir_stops_before_the_run_directory(tmp_path, capsys):
     out = tmp_path / "results"
     rc, _, lines = run_main(capsys, "run", str(suite), "--data-dir", str(tmp_path / "nowhere"), "--out", str(out))
     assert_one_error(rc, lines, str(tmp_path / "nowhere"))
-    assert run_dirs(out) == []
+    assert not out.exists()  # nothing created
 
 
 @pytest.mark.parametrize("model, expected", [
@@ -205,7 +205,7 @@ def test_experiment_that_does_not_fit_its_data(tmp_path, capsys, model, expected
     out = tmp_path / "results"
     rc, _, lines = run_main(capsys, "run", str(suite), "--out", str(out))
     assert_one_error(rc, lines, "error: fits: ", expected)
-    assert run_dirs(out) == []
+    assert not out.exists()  # nothing created
 
 
 def test_unavailable_backend_stops_before_the_run_directory(tmp_path, capsys):
