@@ -75,18 +75,21 @@ def run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, inc
     SIGINT (Ctrl-C) and SIGTERM stop the run with status "interrupted" in meta.json, keeping
     the experiments that finished (exit 130 and 143)."""
     import signal
+    import threading
 
     from epbench.errors import Terminated
 
     def terminate(_signum, _frame):
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals go to the main thread only
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, include_heavy, assignments, out,
              no_report, svg)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, include_heavy, assignments, out,
