@@ -14,6 +14,7 @@ room for the output) is checked by :func:`plan_run` before the run directory exi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -523,16 +524,44 @@ def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
     finally:
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         meta["implementation"] = {row["experiment"]: row["implementation"] for row in rows}
-        try:
-            if len(rows) > meta["rows"]:
-                save()
-        except OSError:
-            pass  # the table of the experiments before stays on disk (meta["rows"] counts its rows)
-        try:
-            write_meta(run_dir, meta)
-        except OSError:
-            pass  # a full disk: the "running" status left behind reads as interrupted once this process ends
+        with signals_held():  # a second Ctrl-C must not leave "running" behind
+            try:
+                if len(rows) > meta["rows"]:
+                    save()
+            except OSError:
+                pass  # the table of the experiments before stays on disk (meta["rows"] counts its rows)
+            try:
+                write_meta(run_dir, meta)
+            except OSError:
+                pass  # a full disk: the "running" status left behind reads as interrupted once this process ends
     return run_dir
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM while the end of a run is recorded, then deliver the first one
+    that came (to the handlers restored). Main thread only, where Python runs signal handlers."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda n, _f: came.append(n)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if came:
+            handler = previous[came[0]]
+            if callable(handler):  # Python's (KeyboardInterrupt) or the CLI's (Terminated)
+                handler(came[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), came[0])
 
 
 def _signal_name(signum: int) -> str:

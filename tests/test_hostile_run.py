@@ -400,6 +400,19 @@ def test_signal_stops_the_run_truthfully(tmp_path, signum, code):
     assert set(table["experiment"]) == {"gdu-a"} and meta["rows"] == len(table)
 
 
+def test_signal_while_the_end_is_recorded_comes_after_it():
+    """A second Ctrl-C while a run records its end is held until the record is written."""
+    from epbench.runner import signals_held
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            signal.raise_signal(signal.SIGINT)  # in this thread, before it returns
+            done.append("recorded")
+    assert done == ["recorded"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_killed_run_reads_as_interrupted(tmp_path, capsys):
     proc, run_dir = _start_run(tmp_path)
     proc.kill()
