@@ -435,6 +435,9 @@ def bench(names, models, algorithms, batches, alternate, per_step, out):
             click.echo(f"skipping {name}: {avail.reason}", err=True)
             continue
         backends_.append((backend, avail))
+    from epbench.results import check_output_dir
+
+    check_output_dir(out)  # before the timing work
     commit, dirty = git_provenance()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rows = []

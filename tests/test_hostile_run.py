@@ -270,6 +270,13 @@ def test_out_under_proc_or_sys(tmp_path, capsys, where):
     assert not Path(where).exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="Linux /proc")
+def test_bench_out_is_checked_before_timing(capsys):
+    rc, _, lines = run_main(capsys, "bench", "-b", "numpy", "-m", "p-1h", "--out", "/proc/epbench-bench")
+    assert_one_error(rc, lines, "/proc/epbench-bench: --out: cannot write there")
+    assert not any("p-1h" in line for line in lines)  # no timing line came before
+
+
 def test_not_enough_space_is_refused_before_the_run(tmp_path, capsys, mounts):
     target = tmp_path / "small"
     if not _mount_tmpfs(target, "size=256k"):
