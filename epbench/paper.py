@@ -1,7 +1,7 @@
 """Published reference values of Ernoult et al. (NeurIPS 2019), as data.
 
-Everything here is *published* (or measured once with the official code, FACTS §8), never a
-result of this harness. Rows are keyed by the preset names of :mod:`epbench.presets`
+Everything here is *published* (or measured once with the official code's classes: see
+docs/equations.md, "Reference magnitudes of the official code"), never a result of this harness. Rows are keyed by the preset names of :mod:`epbench.presets`
 (``toy``, ``eb-1h``, ``eb-2h``, ``eb-3h``, ``p-1h``, ``p-2h``, ``p-3h``, ``p-conv``).
 """
 
@@ -35,7 +35,7 @@ class PublishedTraining:
     trials: int = 5
 
 
-#: Table 1 of the paper (FACTS §5), published values
+#: Table 1 of the paper (main text), published values
 TABLE1: dict[str, PublishedTraining] = {
     "eb-1h": PublishedTraining(2.06, 0.17, 0.13, 2.11, 0.09, 0.46, T=100, K=12, epochs=30),
     "eb-2h": PublishedTraining(2.01, 0.21, 0.11, 2.02, 0.15, 0.29, T=500, K=40, epochs=50),
@@ -48,7 +48,7 @@ TABLE1: dict[str, PublishedTraining] = {
 
 @dataclass(frozen=True)
 class SanityMagnitudes:
-    """Official-code GDU magnitudes at Table 3 settings (FACTS §8): expected orders, not bounds.
+    """Official-code GDU magnitudes at Table 3 settings (docs/equations.md): expected orders, not bounds.
 
     ``neurons``: RelMSE of s0, s1, ...; ``weights``: one (low, high) range per weight layer,
     output side first, or a single range for every weight layer; ``same_sign``: % range.
@@ -69,7 +69,7 @@ class SanityMagnitudes:
         return self.weights[index] if 0 <= index < len(self.weights) else None
 
 
-#: FACTS §8, measured with the official classes (untrained weights, P with dt = 1)
+#: measured with the official code's classes (docs/equations.md) (untrained weights, P with dt = 1)
 SANITY: dict[str, SanityMagnitudes] = {
     "toy": SanityMagnitudes(1, (0.006, 0.005), ((0.009, 0.009), (0.006, 0.006), (0.004, 0.004)), (100.0, 100.0)),
     "eb-1h": SanityMagnitudes(20, (0.003, 0.049), ((0.043, 0.043), (0.049, 0.049)), (99.5, 99.5)),
@@ -78,7 +78,7 @@ SANITY: dict[str, SanityMagnitudes] = {
     "p-conv": SanityMagnitudes(1, (0.48, 0.91, 0.88), ((0.14, 0.14), (0.74, 0.74), (0.78, 0.78)), (72.0, 92.0)),
 }
 
-#: tolerance of the "in range" check against :data:`SANITY` (FACTS §8: "within a factor of about 2-3")
+#: tolerance of the "in range" check against :data:`SANITY` (docs/equations.md: "within a factor of about 2-3")
 SANITY_FACTOR = 3.0
 
 

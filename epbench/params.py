@@ -19,7 +19,7 @@ def init_params(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
 
     * ``paper``: Glorot-uniform weights, U(±sqrt(6 / (fan_in + fan_out))) [APP E], no biases.
     * ``official-code``: PyTorch's default for ``nn.Linear``/``nn.Conv2d``,
-      U(±1/sqrt(fan_in)) for weights and for the bias of the layer they drive (FACTS §7.4).
+      U(±1/sqrt(fan_in)) for weights and for the bias of the layer they drive (docs/equations.md, departures of the official-code flavour).
     """
     rng = np.random.default_rng(seed)
     params: dict[str, np.ndarray] = {}

@@ -1,4 +1,4 @@
-"""The rows of Tables 3 and 4 (FACTS §3, §4) as ready-made specs and settings."""
+"""The rows of Tables 3 and 4 of the appendix (sections C and E) as ready-made specs and settings."""
 
 from __future__ import annotations
 

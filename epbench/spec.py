@@ -1,6 +1,6 @@
 """Backend-neutral description of a model, its phases and its training.
 
-Conventions (FACTS §2, appendix C.3): layers are indexed *backwards*: ``s0`` is the output
+Conventions (appendix C.3): layers are indexed *backwards*: ``s0`` is the output
 layer, ``s1`` the hidden layer next to it, ..., ``sL`` the hidden layer next to the input ``x``.
 
 Canonical parameter names (shared by every backend; parameters move between backends as
@@ -9,7 +9,7 @@ NumPy arrays with exactly these names and shapes):
 * layered models (``eb``, ``p``, ``pconv``): ``W{i}{i+1}`` connects layer ``i+1`` to layer
   ``i`` (shape ``(n_i, n_{i+1})``, or a convolution kernel ``(C_i, C_{i+1}, F, F)``),
   ``W{L}x`` connects the input to the last hidden layer, ``b{i}`` is the bias of layer ``i``
-  (present in the ``official-code`` flavour only, FACTS §7.3).
+  (present in the ``official-code`` flavour only; docs/equations.md lists its departures).
 * ``toy``: ``W01`` (5, 50), ``W0x`` (5, 10), ``W1x`` (50, 10), biases ``b0``, ``b1``.
 
 Every model is a discrete-time system ``s_{t+1} = s_t + dt * dsdt(s_t)``, where ``dt`` is the
@@ -44,9 +44,9 @@ class ModelSpec(_Strict):
     """One model of the paper, with every departure of the official code as a switch.
 
     ``flavor='paper'`` follows the appendix; ``flavor='official-code'`` follows the official
-    code (FACTS §7): no σ'(s0) on the EB output layer (§7.1), biases on every layer (§7.3),
-    PyTorch's default initialisation (§7.4), a BPTT span of K+1 steps for fully connected
-    models (§7.5), a default P leak dt = 0.2 (§7.2) and, in pconv's ∂Φ/∂θ, max-pool indices
+    code (docs/equations.md, "Departures of the official-code flavour"): no σ'(s0) on the EB
+    output layer, biases on every layer, PyTorch's default initialisation, a BPTT span of K+1
+    steps for fully connected models, a default P leak dt = 0.2 and, in pconv's ∂Φ/∂θ, max-pool indices
     taken one step late (:attr:`late_pool_indices`).
     """
 
@@ -102,17 +102,17 @@ class ModelSpec(_Strict):
 
     @property
     def biases(self) -> bool:
-        """Biases on every layer: official code only (FACTS §7.3)."""
+        """Biases on every layer: official code only."""
         return self.flavor == "official-code"
 
     @property
     def output_sigma_prime(self) -> bool:
-        """σ'(s0) on the EB output layer: paper only (FACTS §7.1); the toy model has it in both."""
+        """σ'(s0) on the EB output layer: paper only; the toy model has it in both."""
         return self.flavor == "paper" or self.kind == "toy"
 
     @property
     def sigma_on_input(self) -> bool:
-        """Energy-based models see σ(x) (eq. 70), prototypical ones raw x (FACTS §7.6)."""
+        """Energy-based models see σ(x) (eq. 70), prototypical ones raw x."""
         if self.input_activation is not None:
             return self.input_activation
         return self.energy_based
@@ -127,7 +127,7 @@ class ModelSpec(_Strict):
         return self.kind == "pconv" and self.flavor == "official-code"
 
     def bptt_span(self, K: int) -> int:
-        """Number of steps BPTT back-propagates through in training (FACTS §7.5)."""
+        """Number of steps BPTT back-propagates through in training."""
         if self.flavor == "official-code" and self.kind in ("eb", "p"):
             return K + 1
         return K

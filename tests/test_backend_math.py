@@ -199,7 +199,7 @@ def test_step_is_gradient_of_phi(backend, kind, flavor):
         for a, g in zip(Fs, grad):
             np.testing.assert_allclose(a, g.numpy(), rtol=1e-10, atol=1e-12)
     else:
-        # without σ'(s0) the output layer is not a gradient (FACTS §7.1); the hidden layers are
+        # without σ'(s0) the output layer is not a gradient (docs/equations.md, departures of the official-code flavour); the hidden layers are
         np.testing.assert_allclose(Fs[1], grad[1].numpy(), rtol=1e-10, atol=1e-12)
         assert np.abs(Fs[0] - grad[0].numpy()).max() > 1e-3
 
