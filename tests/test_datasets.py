@@ -507,6 +507,9 @@ def test_load_dataset_through_registry(plugin_registry):
     assert load_dataset("mnist-5k").n_train == 4000
     tiny = load_dataset("tiny-third-party")
     assert tiny.n_train == 2 and tiny.name == "tiny-third-party"
+    # a dataset that defines no checks is listed as found but not verified
+    info = Tiny().info()
+    assert info["found"] and info["status"] == "unverified" and "no checks" in info["reason"]
     with pytest.raises(EpbenchError, match="unknown dataset 'mnist5k'; did you mean 'mnist-5k'"):
         load_dataset("mnist5k")
 

@@ -74,7 +74,7 @@ class Split:
 #: the verdicts of :meth:`Dataset.inspect`
 STATUSES = {
     "ok": "sound, and verified to be this dataset",
-    "unverified": "sound, but not the published files (e.g. a subset), so not verified",
+    "unverified": "not verified to be the published data (a subset, say, or a dataset without checks)",
     "bad": "corrupt or malformed (the note says which file and how)",
     "other dataset": "sound, but the content of another dataset",
 }
@@ -110,8 +110,8 @@ class Dataset(ABC):
 
     def inspect(self, location: str) -> "Inspection":
         """A cheap look at the data found at ``location`` (for ``epbench data``): its sizes and
-        whether it is sound and really this dataset. The default knows nothing more."""
-        return Inspection()
+        whether it is sound and really this dataset. The default checks nothing."""
+        return Inspection(status="unverified", note="no checks defined for this dataset")
 
     def info(self, data_dir: str | None = None) -> dict:
         """A summary: name, description, found, status (``missing`` when not found, else the
