@@ -6,6 +6,7 @@ Every table here comes from a real run of the harness (torch-cpu unless said oth
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,8 @@ from conftest import load_backend
 ROOT = Path(__file__).resolve().parents[1]
 THEOREM1 = ROOT / "suites" / "theorem1.yaml"
 #: the committed runs of `epbench run suites/table3.yaml --backend jax-cpu` and `epbench run theorem1 --backend jax-cpu`
-TABLE3_RUN = ROOT / "results" / "20261203T000000Z-table3-jax-cpu"
-THEOREM1_RUN = ROOT / "results" / "20261203T000000Z-theorem1-jax-cpu"
+TABLE3_RUN = ROOT / "results" / "20261203T084937Z-table3-jax-cpu"
+THEOREM1_RUN = ROOT / "results" / "20261203T085416Z-theorem1-jax-cpu"
 
 #: a toy model of the test size, once with a first phase far too short to converge
 SHORT_AND_LONG = """
@@ -51,7 +52,8 @@ def test_drift_rule():
     # r = d / ep_scale: εβ for EB and toy, β for P
     assert drift_ratio(8e-7, "eb", 0.08, 1e-5) == pytest.approx(1.0)
     assert drift_ratio(1.5e-2, "p", 1.0, 0.015) == pytest.approx(1.0)
-    assert drift_ratio(1e-6, "eb", float("nan"), 1e-3) != drift_ratio(1e-6, "eb", float("nan"), 1e-3)  # NaN
+    assert drift_ratio(8e-7, "eb", 0.08, 1e-5, symmetric=True) == pytest.approx(1e-5)  # d / ε: no 1/β
+    assert math.isnan(drift_ratio(1e-6, "eb", float("nan"), 1e-3))  # unknown dt
     assert converged(DRIFT_SHARE * 0.1, 0.1) and not converged(DRIFT_SHARE * 0.1 * 1.01, 0.1)
     assert converged(0.0, 0.0) and converged(float("nan"), 0.1) is None
 
