@@ -1,9 +1,18 @@
 """``epbench bench``: seconds per batch, useful FLOPs, achieved GFLOP/s and the fraction of the
-device's float32 matmul peak, measured on the spot, for each model and backend."""
+device's float32 matmul peak, measured on the spot, for each model and backend.
+
+Timing rule (:func:`best_time`): device work is asynchronous on a GPU, so every timed region
+starts and ends with ``backend.synchronize()``; the first call, which compiles (JAX), allocates
+and autotunes (cuDNN), is timed apart (``first_call_seconds``) and never mixed into the run
+time; then untimed warm-up calls for ``WARM_UP_S``; the run time is the fastest of the timed
+calls. The TF32 state of the framework (:func:`tf32_settings`, :func:`describe_tf32`) is printed
+for each backend and kept in meta.json (``tf32``): on Ampere and later GPUs, TF32 rounds float32 matmul inputs to 10
+mantissa bits, which is faster and not float32."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -39,6 +48,73 @@ def device_peak(backend) -> float:
     return peak if peak else numpy_matmul_gflops()
 
 
+#: what epbench's own backends do inside their calls, whatever the process defaults say
+BACKEND_FLOAT32 = {
+    "torch": "epbench's torch backend turns TF32 off for matmuls and cuDNN inside its calls (IEEE float32)",
+    "jax": "epbench's jax backend asks for Precision.HIGHEST in every product (IEEE float32)",
+}
+
+#: settings values that select TF32 (or lower) for float32 matmuls
+_TF32_VALUES = {"high", "medium", "tf32", "tensorfloat32", "bfloat16", "bfloat16_3x", "default", "fastest"}
+
+
+def tf32_settings(framework: str) -> dict[str, object]:
+    """The process-wide float32 matmul settings of ``framework`` (``torch``: the
+    ``allow_tf32`` switches, ``get_float32_matmul_precision()`` and, where the version has them,
+    the ``fp32_precision`` switches; ``jax``: ``jax_default_matmul_precision``), read without
+    changing them; empty for another framework or one that is not installed."""
+    if framework == "torch":
+        try:
+            import torch
+        except ImportError:
+            return {}
+        out: dict[str, object] = {
+            "torch.backends.cuda.matmul.allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "torch.get_float32_matmul_precision()": torch.get_float32_matmul_precision(),
+            "torch.backends.cudnn.allow_tf32": bool(torch.backends.cudnn.allow_tf32)}
+        for name, obj in (("torch.backends.cuda.matmul", torch.backends.cuda.matmul),
+                          ("torch.backends.cudnn.conv", getattr(torch.backends.cudnn, "conv", None))):
+            value = getattr(obj, "fp32_precision", None) if obj is not None else None
+            if isinstance(value, str):
+                out[f"{name}.fp32_precision"] = value
+        return out
+    if framework == "jax":
+        try:
+            import jax
+        except ImportError:
+            return {}
+        value = jax.config.jax_default_matmul_precision
+        return {"jax_default_matmul_precision": None if value is None else str(value)}
+    return {}
+
+
+def describe_tf32(framework: str, values: dict[str, object]) -> str:
+    """One line on TF32 from :func:`tf32_settings`' ``values``. torch: matmuls use TF32 when
+    ``allow_tf32`` is on, the float32 matmul precision is ``high``/``medium`` or the matmul
+    ``fp32_precision`` is ``tf32``; cuDNN convolutions when the cuDNN ``allow_tf32`` is on (its
+    default) or the conv ``fp32_precision`` is ``tf32``. JAX: float32 dots on GPUs use TF32
+    unless ``jax_default_matmul_precision`` is ``highest``/``float32`` (unset = ``default`` =
+    TF32). Followed by what epbench's backend of that framework does inside its calls."""
+    def on(flag: bool) -> str:
+        return "on" if flag else "off"
+
+    if framework == "torch" and values:
+        matmul = (bool(values.get("torch.backends.cuda.matmul.allow_tf32"))
+                  or str(values.get("torch.get_float32_matmul_precision()")).lower() in ("high", "medium")
+                  or str(values.get("torch.backends.cuda.matmul.fp32_precision", "")).lower() == "tf32")
+        conv = (bool(values.get("torch.backends.cudnn.allow_tf32"))
+                or str(values.get("torch.backends.cudnn.conv.fp32_precision", "")).lower() == "tf32")
+        state = f"process defaults: TF32 {on(matmul)} for CUDA matmuls, {on(conv)} for cuDNN convolutions"
+    elif framework == "jax" and values:
+        value = values.get("jax_default_matmul_precision")
+        tf32 = value is None or str(value).lower() in _TF32_VALUES
+        state = (f"process default: TF32 {on(tf32)} for float32 dots on GPUs "
+                 f"(jax_default_matmul_precision={value if value is not None else 'unset'})")
+    else:
+        return "TF32: not applicable (no torch or jax settings)"
+    return f"{state}; {BACKEND_FLOAT32[framework]}"
+
+
 def _random_data(spec, n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     x = rng.uniform(0.0, 1.0, size=(n, *spec.input_shape)).astype(np.float32)
@@ -57,29 +133,46 @@ def settings(model: str, dtype: str = "float32", alternate: bool = False):
 WARM_UP_S = 0.5
 
 
-def best_time(work: Callable[[], object], backend, repeats: int = 3) -> float:
-    """Seconds of the fastest of ``repeats`` timed calls of ``work`` (timeit's rule: the fastest
-    run is the one least disturbed by the rest of the machine), after a first call that absorbs
-    compilation and further untimed calls until ``WARM_UP_S`` has passed."""
-    work()
-    backend.synchronize()
-    warm_until = time.perf_counter() + WARM_UP_S
-    while time.perf_counter() < warm_until:
+@dataclass(frozen=True)
+class Timing:
+    """``first_s``: seconds of the first call (compilation, allocation, autotuning and the work
+    itself); ``best_s``: seconds of the fastest timed call."""
+
+    first_s: float
+    best_s: float
+
+    def per(self, n: int) -> "Timing":
+        """The best time divided by ``n`` (e.g. per batch); the first call stays whole."""
+        return Timing(self.first_s, self.best_s / n)
+
+
+def best_time(work: Callable[[], object], backend, repeats: int = 3,
+              clock: Callable[[], float] = time.perf_counter) -> Timing:
+    """The first call of ``work``, timed apart, then the fastest of ``repeats`` timed calls
+    (timeit's rule: the fastest run is the one least disturbed by the rest of the machine),
+    after untimed calls until ``WARM_UP_S`` has passed. Every timed region is
+    ``synchronize(); start = clock(); work(); synchronize(); clock() - start``, so queued device
+    work is neither left out nor carried into the next region."""
+    def region() -> float:
+        backend.synchronize()
+        start = clock()
         work()
         backend.synchronize()
-    best = float("inf")
-    for _ in range(max(repeats, 1)):
-        start = time.perf_counter()
+        return clock() - start
+
+    first = region()
+    warm_until = clock() + WARM_UP_S
+    while clock() < warm_until:
         work()
         backend.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return Timing(first, min(region() for _ in range(max(repeats, 1))))
 
 
 def time_per_batch(backend, model: str, algorithm: str, batches: int = 10, dtype: str = "float32",
-                   batch_size: int = 20, repeats: int = 3, alternate: bool = False) -> float:
+                   batch_size: int = 20, repeats: int = 3, alternate: bool = False) -> Timing:
     """Seconds per mini-batch of one training step (``ep``/``bptt``) or one GDU computation
-    (``gdu``), timed by :func:`best_time` over ``batches`` mini-batches on the same data."""
+    (``gdu``), timed by :func:`best_time` over ``batches`` mini-batches on the same data (the
+    first call, of all ``batches``, whole)."""
     spec, phase, train = settings(model, dtype, alternate)
     train = train.model_copy(update={"batch_size": batch_size, "lrs": tuple(0.0 for _ in train.lrs)})
     params = backend.from_numpy(spec, backend.init_params(spec, 0), dtype)
@@ -95,7 +188,7 @@ def time_per_batch(backend, model: str, algorithm: str, batches: int = 10, dtype
 
         def work():
             backend.train_epoch(spec, params, x, labels, phase, train, algorithm)
-    return best_time(work, backend, repeats) / batches
+    return best_time(work, backend, repeats).per(batches)
 
 
 def time_per_step(backend, model: str, batch_size: int, steps: int = 400, repeats: int = 5,
@@ -108,7 +201,7 @@ def time_per_step(backend, model: str, batch_size: int, steps: int = 400, repeat
     x, _ = _random_data(spec, batch_size)
 
     def phase_of(T: int) -> float:
-        return best_time(lambda: backend.first_phase(spec, params, x, T), backend, repeats)
+        return best_time(lambda: backend.first_phase(spec, params, x, T), backend, repeats).best_s
 
     return max(phase_of(1 + steps) - phase_of(1), 0.0) / steps
 
@@ -141,6 +234,7 @@ def bench_rows(backend, models=BENCH_MODELS, algorithms=("ep", "bptt", "gdu"), b
     steps under the even/odd alternation (P models only; GDU is not timed). The matmul peak is
     measured again before each model, so that each row's fraction compares two measurements
     made within seconds of each other (timings on a shared machine drift over minutes)."""
+    progress(f"{backend.name}: {describe_tf32(backend.framework, tf32_settings(backend.framework))}")
     rows = []
     for model in models:
         spec, phase, _ = settings(model, alternate=alternate)
@@ -154,15 +248,17 @@ def bench_rows(backend, models=BENCH_MODELS, algorithms=("ep", "bptt", "gdu"), b
         for algorithm in algorithms:
             if alternate and algorithm == "gdu":
                 continue
-            seconds = time_per_batch(backend, model, algorithm, batches=batches, alternate=alternate)
+            timing = time_per_batch(backend, model, algorithm, batches=batches, alternate=alternate)
+            seconds = timing.best_s
             work = useful_flops(model, algorithm, alternate=alternate)
             gflops = work / seconds / 1e9
             made = _rows(backend, model, spec, phase, algorithm, 20, peak, gflops,
-                         {"seconds_per_batch": seconds, "seconds_per_sample": seconds / 20, "flops_per_batch": work})
+                         {"seconds_per_batch": seconds, "seconds_per_sample": seconds / 20, "flops_per_batch": work,
+                          "first_call_seconds": timing.first_s})
             rows += made
             progress(f"{backend.name:<10} {model:<7} {algorithm:<5} {seconds * 1e3:9.2f} ms/batch "
                      f"{work / 1e6:9.1f} MFLOP {gflops:8.1f} GFLOP/s {100 * gflops / peak:6.1f}% of {peak:.0f} "
-                     f"[{made[0]['implementation']}]")
+                     f"(first call {timing.first_s:.2f} s) [{made[0]['implementation']}]")
     return rows
 
 
@@ -171,6 +267,7 @@ def step_rows(backend, models=BENCH_MODELS, batch_sizes=STEP_BATCHES,
     """``epbench bench --per-step``: seconds and GFLOP/s of one first-phase step per model and
     batch size. A cost that grows in proportion to the batch is compute in the kernels; one that
     stays flat is the fixed cost of launching them."""
+    progress(f"{backend.name}: {describe_tf32(backend.framework, tf32_settings(backend.framework))}")
     rows = []
     for model in models:
         spec, phase, _ = settings(model)

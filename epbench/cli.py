@@ -412,7 +412,7 @@ def bench(names, models, algorithms, batches, alternate, per_step, out):
     import time
 
     from epbench import __version__, hardware
-    from epbench.bench import BENCH_MODELS, bench_rows, step_rows
+    from epbench.bench import BENCH_MODELS, bench_rows, describe_tf32, step_rows, tf32_settings
     from epbench.presets import TABLE4
     from epbench.results import git_provenance, new_run_dir, to_frame, write_meta, write_table
 
@@ -456,7 +456,8 @@ def bench(names, models, algorithms, batches, alternate, per_step, out):
     write_table(run_dir, to_frame(rows))
     write_meta(run_dir, {"suite": "bench", "command": shlex.join(["epbench", *sys.argv[1:]]), "started": started,
                          "git_commit": commit, "git_dirty": dirty, "epbench_version": __version__,
-                         "backends": [b.name for b, _ in backends_], "host": hardware.host()})
+                         "backends": [b.name for b, _ in backends_], "host": hardware.host(),
+                         "tf32": {b.name: describe_tf32(b.framework, tf32_settings(b.framework)) for b, _ in backends_}})
     click.echo(str(run_dir))
 
 

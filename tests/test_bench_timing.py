@@ -1,0 +1,107 @@
+"""The device-independent parts of honest GPU timings (epbench.bench): every timed region is
+bracketed by the backend's synchronisation, the first (compiling) call is timed apart, and the
+TF32 state is read from the framework's settings and described correctly."""
+
+import pytest
+
+from epbench import bench
+
+
+class FakeDevice:
+    """A backend whose ``synchronize`` and a ``work`` that only move a fake clock and log."""
+
+    def __init__(self, first_call: float, later_calls: float):
+        self.now = 0.0
+        self.log: list[str] = []
+        self.calls = 0
+        self.durations = (first_call, later_calls)
+
+    def clock(self) -> float:
+        self.log.append("clock")
+        return self.now
+
+    def synchronize(self) -> None:
+        self.log.append("sync")
+
+    def work(self) -> None:
+        self.now += self.durations[0] if self.calls == 0 else self.durations[1]
+        self.calls += 1
+        self.log.append("work")
+
+
+def test_best_time_synchronises_around_every_timed_region_and_times_the_first_call_apart(monkeypatch):
+    monkeypatch.setattr(bench, "WARM_UP_S", 0.0)
+    dev = FakeDevice(first_call=7.0, later_calls=1.0)
+    timing = bench.best_time(dev.work, dev, repeats=3, clock=dev.clock)
+    assert timing == bench.Timing(first_s=7.0, best_s=1.0)
+    region = ["sync", "clock", "work", "sync", "clock"]
+    warm_up = ["clock", "clock"]  # the deadline, then the loop's first (failing) test
+    assert dev.log == region + warm_up + region * 3
+
+
+def test_best_time_warms_up_until_the_deadline_and_synchronises_each_warm_up_call(monkeypatch):
+    monkeypatch.setattr(bench, "WARM_UP_S", 2.5)
+    dev = FakeDevice(first_call=7.0, later_calls=1.0)
+    bench.best_time(dev.work, dev, repeats=2, clock=dev.clock)
+    assert dev.calls == 1 + 3 + 2  # 3 warm-up calls of 1 fake second pass the 2.5 s deadline
+    assert all(dev.log[i + 1] == "sync" for i, e in enumerate(dev.log) if e == "work")
+
+
+def test_per_divides_the_run_time_only():
+    assert bench.Timing(first_s=6.0, best_s=2.0).per(4) == bench.Timing(first_s=6.0, best_s=0.5)
+
+
+TORCH_DEFAULTS = {"torch.backends.cuda.matmul.allow_tf32": False, "torch.get_float32_matmul_precision()": "highest",
+                  "torch.backends.cudnn.allow_tf32": True}
+
+
+@pytest.mark.parametrize("changes, matmul, conv", [
+    ({}, "off", "on"),
+    ({"torch.backends.cuda.matmul.allow_tf32": True}, "on", "on"),
+    ({"torch.get_float32_matmul_precision()": "high"}, "on", "on"),
+    ({"torch.get_float32_matmul_precision()": "medium"}, "on", "on"),
+    ({"torch.backends.cuda.matmul.fp32_precision": "tf32"}, "on", "on"),
+    ({"torch.backends.cudnn.allow_tf32": False}, "off", "off"),
+    ({"torch.backends.cudnn.allow_tf32": False, "torch.backends.cudnn.conv.fp32_precision": "tf32"}, "off", "on"),
+])
+def test_describe_tf32_torch(changes, matmul, conv):
+    line = bench.describe_tf32("torch", {**TORCH_DEFAULTS, **changes})
+    assert f"TF32 {matmul} for CUDA matmuls, {conv} for cuDNN convolutions" in line
+    assert line.endswith(bench.BACKEND_FLOAT32["torch"])
+
+
+@pytest.mark.parametrize("value, state", [(None, "on"), ("default", "on"), ("tensorfloat32", "on"),
+                                          ("bfloat16", "on"), ("highest", "off"), ("float32", "off")])
+def test_describe_tf32_jax(value, state):
+    line = bench.describe_tf32("jax", {"jax_default_matmul_precision": value})
+    assert f"TF32 {state} for float32 dots on GPUs" in line
+    assert line.endswith(bench.BACKEND_FLOAT32["jax"])
+
+
+def test_describe_tf32_other_framework():
+    assert "not applicable" in bench.describe_tf32("numpy", bench.tf32_settings("numpy"))
+
+
+def test_tf32_settings_reads_torch_as_it_is_set():
+    torch = pytest.importorskip("torch")
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert bench.tf32_settings("torch")["torch.get_float32_matmul_precision()"] == "high"
+        assert "TF32 on for CUDA matmuls" in bench.describe_tf32("torch", bench.tf32_settings("torch"))
+        torch.set_float32_matmul_precision("highest")
+        assert bench.tf32_settings("torch")["torch.get_float32_matmul_precision()"] == "highest"
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def test_tf32_settings_reads_jax_as_it_is_set():
+    jax = pytest.importorskip("jax")
+    old = jax.config.jax_default_matmul_precision
+    try:
+        jax.config.update("jax_default_matmul_precision", "highest")
+        assert "TF32 off for float32 dots" in bench.describe_tf32("jax", bench.tf32_settings("jax"))
+        jax.config.update("jax_default_matmul_precision", None)
+        assert "TF32 on for float32 dots" in bench.describe_tf32("jax", bench.tf32_settings("jax"))
+    finally:
+        jax.config.update("jax_default_matmul_precision", old)
