@@ -6,8 +6,17 @@ import os
 
 import pytest
 
+
+def selected_backends(default: list[str]) -> list[str]:
+    """The backends named in ``$EPBENCH_TEST_BACKENDS`` (comma separated, e.g.
+    ``torch-cuda,jax-cuda`` on a GPU machine) where it is set, else ``default``: the golden,
+    cross-backend and conformance tests run on these."""
+    names = [n.strip() for n in os.environ.get("EPBENCH_TEST_BACKENDS", "").split(",") if n.strip()]
+    return names or list(default)
+
+
 #: every backend that the shared, parametrised checks run on (skipped where unavailable)
-BACKENDS = ["torch-cpu", "jax-cpu"]
+BACKENDS = selected_backends(["torch-cpu", "jax-cpu"])
 
 #: one small model of each kind (unit tests of the backends' internals)
 SMALL_MODELS = {

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import epbench.testing as kit
-from conftest import load_backend
+from conftest import load_backend, selected_backends
 
 HAVE_NUMPY_PLUGIN = importlib.util.find_spec("epbench_numpy") is not None
 NO_NUMPY_PLUGIN = "epbench_numpy is not importable: pip install -e examples/epbench-numpy"
@@ -31,7 +31,7 @@ def test_numpy_plugin_conformance(check):
     check()
 
 
-@pytest.mark.parametrize("name", ["torch-cpu", "jax-cpu"])
+@pytest.mark.parametrize("name", selected_backends(["torch-cpu", "jax-cpu"]))
 def test_builtin_backend_conformance_quick(name):
     """The quick kit (float64, no variants, no symmetric nudging, no β-sweep, no training): the
     full kit takes minutes of XLA compilation on jax-cpu, so it is the slow test below."""
@@ -42,7 +42,7 @@ def test_builtin_backend_conformance_quick(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["torch-cpu", "jax-cpu"])
+@pytest.mark.parametrize("name", selected_backends(["torch-cpu", "jax-cpu"]))
 def test_builtin_backend_conformance_full(name):
     load_backend(name)
     report = kit.check_backend(name, reference="torch-cpu")

@@ -29,7 +29,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import load_backend
+from conftest import load_backend, selected_backends
 from epbench.spec import ModelSpec, PhaseSettings, TrainSettings
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "data", "golden")
@@ -42,7 +42,7 @@ TOL32 = dict(rtol=1e-4, atol=1e-6)
 # largest absolute error measured over the three files and the three backends.
 TOL64 = dict(rtol=1e-8, atol=1e-12)
 #: backends that the float64 references are checked on (each where it supports the model)
-BACKENDS64 = ["torch-cpu", "jax-cpu", "numpy"]
+BACKENDS64 = selected_backends(["torch-cpu", "jax-cpu", "numpy"])
 
 #: pconv parameter names of the official code → canonical names (classifier, conv nearest to it,
 #: input-side conv)
