@@ -362,15 +362,17 @@ def report(run_dir, svg):
 @click.argument("run_b", type=click.Path())
 @click.option("--tolerance", type=click.FloatRange(min=0.0, min_open=True),
               help="Flag GDU metrics whose |B − A| exceeds this (absolute).")
+@click.option("--metric", "metrics", multiple=True, type=click.Choice(["relmse", "sign_agreement", "cosine"]),
+              help="Check --tolerance on this GDU metric only (repeatable; default: all three).")
 @click.option("--reference", type=click.Path(), help="A third run (e.g. the suite in float64) that A and B "
               "are measured against.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write the markdown to this file.")
-def compare(run_a, run_b, tolerance, reference, out_file):
+def compare(run_a, run_b, tolerance, metrics, reference, out_file):
     """Two runs side by side (e.g. two backends on one suite): GDU metrics per layer, final
     errors, and run time without compilation. Exits 1 if --tolerance is exceeded."""
     from pathlib import Path
 
-    from epbench.compare import compare_runs, render_markdown
+    from epbench.compare import GDU_METRICS, beyond_tolerance, compare_runs, render_markdown
     from epbench.results import has_table
 
     from epbench.results import COMPLETE, settle_status
@@ -382,7 +384,8 @@ def compare(run_a, run_b, tolerance, reference, out_file):
         if status not in (None, COMPLETE):
             click.echo(f"warning: {run_dir}: run {status}; only the experiments that finished are compared", err=True)
     comparison = compare_runs(run_a, run_b, reference)
-    text = render_markdown(comparison, tolerance)
+    metrics = metrics or GDU_METRICS
+    text = render_markdown(comparison, tolerance, metrics)
     click.echo(text, nl=False)
     if out_file:
         from epbench.results import atomic_write_text, fs_error
@@ -391,7 +394,7 @@ def compare(run_a, run_b, tolerance, reference, out_file):
             atomic_write_text(Path(out_file), text)
         except OSError as exc:
             raise fs_error(out_file, exc, "--out: cannot write") from None
-    if tolerance and len(comparison.gdu) and (comparison.gdu["abs_diff"] > tolerance).any():
+    if tolerance and len(comparison.gdu) and beyond_tolerance(comparison, tolerance, metrics).any():
         raise SystemExit(1)
 
 

@@ -109,8 +109,16 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike,
                          reference=_label(ref, read_meta(reference), reference) if ref is not None else "")
 
 
-def render_markdown(c: RunComparison, tolerance: float | None = None) -> str:
-    """The comparison as markdown; with ``tolerance``, GDU rows whose |B − A| exceeds it are flagged."""
+def beyond_tolerance(c: RunComparison, tolerance: float, metrics=GDU_METRICS) -> pd.Series:
+    """Per GDU row: is |B − A| above ``tolerance``, for a row of one of ``metrics`` (rows of the
+    other metrics are never flagged: sign agreement, in %, moves by 100/n at one sign flip of an
+    element near 0, which a tolerance meant for RelMSE and cosine would count as a disagreement)."""
+    return c.gdu["metric"].isin(list(metrics)) & (c.gdu["abs_diff"] > tolerance)
+
+
+def render_markdown(c: RunComparison, tolerance: float | None = None, metrics=GDU_METRICS) -> str:
+    """The comparison as markdown; with ``tolerance``, GDU rows whose |B − A| exceeds it are
+    flagged (rows of ``metrics`` only, :func:`beyond_tolerance`; the others read "—")."""
     out = [f"# epbench compare\n\n**A** = {c.a}  \n**B** = {c.b}"
            + (f"  \n**ref** = {c.reference}" if c.reference else "") + "\n"]
     with_ref = "value_ref" in c.gdu
@@ -126,7 +134,7 @@ def render_markdown(c: RunComparison, tolerance: float | None = None) -> str:
             if with_ref:
                 row += [_g(r["value_ref"], 4), f"{r['err_a']:.2g}", f"{r['err_b']:.2g}"]
             if tolerance:
-                row.append("yes" if r["abs_diff"] <= tolerance else "**no**")
+                row.append("—" if r["metric"] not in metrics else "yes" if r["abs_diff"] <= tolerance else "**no**")
             rows.append(row)
         out.append(_table(header, rows))
         for metric in GDU_METRICS:
