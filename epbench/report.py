@@ -534,7 +534,7 @@ def _training_markdown(summary: pd.DataFrame) -> tuple[str, str]:
                  "published EP test %", "published EP train %", "published BPTT test %",
                  "published BPTT train %", "Δ EP test", "Δ BPTT test", "flagged trials",
                  "not comparable because"], results)
-    legend = _flags_legend(summary)
+    legend = "\n\n".join(part for part in (_flags_legend(summary), _stuck_paper_flavour(summary)) if part)
     return t4, t1 + ("\n\n" + legend if legend else "")
 
 
@@ -552,6 +552,24 @@ def _flags_legend(summary: pd.DataFrame) -> str:
     return ("**Flagged trials** (verdict per trial and algorithm after its last epoch; their errors are "
             "included in the means above): " + "; ".join(f"**{flag}**: {status_text(flag, n)}" for flag, n in seen)
             + ".")
+
+
+def _stuck_paper_flavour(summary: pd.DataFrame) -> str:
+    """Why BPTT sits at chance on paper-flavour rows where EP learns (BPTT trials flagged
+    ``chance``, no EP trial flagged): from Glorot-initialised weights BPTT's first steps put the
+    outputs where its gradient vanishes, while EP's state differences still move (docs/flavours.md,
+    tests/test_training_mechanisms.py). Empty when no row is in that case."""
+    rows = [r["experiment"] for _, r in summary.iterrows() if r["flavor"] == "paper"
+            and (r.get("bptt_flags") or {}).get("chance") and not (r.get("ep_flags") or {}).get("chance")]
+    if not rows:
+        return ""
+    return (f"**BPTT at chance in the paper flavour ({', '.join(rows)}), EP learning.** This is the paper "
+            "flavour's Glorot initialisation, not a failure of BPTT: from those weights BPTT's first steps drive "
+            "the outputs where its gradient vanishes (EB: onto the clamp bound 0, where ∂L/∂θ is exactly 0; P: "
+            "the correct class's unit to ρ'(pre⁰) ≈ 0), while EP's update, a difference of states that the "
+            "nudge β(y − s⁰) still moves, does not vanish. From the official code's initial weights "
+            "U(±1/√fan_in), 1.7-2.4 times narrower, BPTT learns these rows: rerun with "
+            "`--set model.flavor=official-code` (the training suites' default). Measurements: docs/flavours.md.")
 
 
 # ----- timing ------------------------------------------------------------------------------------

@@ -147,3 +147,42 @@ def test_deep_p_glorot_first_phase_oscillates_and_bptt_saturates_the_target_unit
     # from the official code's narrower weights BPTT leaves the target unit unsaturated
     by_bptt_narrow = _train(torch_cpu, row, _native(torch_cpu, row, "narrow"), "bptt", x, labels, 25)
     assert _target_saturated(torch_cpu, row, by_bptt_narrow, x_test, y_test) < 0.1
+
+
+def _train_table(rows_by_experiment: dict):
+    """A tidy training table of the runner's schema: {experiment: (flavour, EP final, BPTT final)}
+    over two trials and two epochs, the verdict of :func:`epbench.runner.train_status` per trial."""
+    from epbench.results import to_frame
+    from epbench.runner import train_status
+
+    rows = []
+    for exp, (flavor, ep_final, bptt_final) in rows_by_experiment.items():
+        base = dict(run_id="r", epbench_version="0", git_commit="abc1234", git_dirty=False, suite="table4",
+                    suite_hash="h", backend="jax-cpu", framework="jax", framework_version="0", device="cpu",
+                    start_time="2026-01-01T00:00:00Z", experiment=exp, task="train", model="eb",
+                    model_desc=f"eb 784-512-512-10 sigmoid dt=0.2 {flavor}", flavor=flavor, dataset="mnist-5k",
+                    dtype="float32", T=500, K=40, beta=0.8, epochs=2, batch_size=20, layer="", quantity="",
+                    wall_time_s=1.0, compile_s=0.0, run_s=1.0)
+        for algo, final in (("ep", ep_final), ("bptt", bptt_final)):
+            status = train_status(False, False, final, 10)
+            for trial in range(2):
+                for epoch in (1, 2):
+                    common = dict(base, algorithm=algo, trial=trial, seed=trial, epoch=epoch, status=status)
+                    rows += [dict(common, metric="test_error", value=final + 5.0 * (2 - epoch)),
+                             dict(common, metric="train_error", value=final),
+                             dict(common, metric="diverged", value=0.0),
+                             dict(common, metric="epoch_time_s", value=1.0)]
+    return to_frame(rows)
+
+
+def test_report_explains_paper_flavour_rows_where_bptt_sits_at_chance():
+    from epbench.report import _training_markdown, summarize_training
+
+    table = _train_table({"eb-2h": ("paper", 11.1, 90.0), "p-2h": ("paper", 12.2, 53.8),
+                          "p-3h": ("official-code", 80.0, 90.0), "p-1h": ("official-code", 12.0, 90.0)})
+    text = " ".join(_training_markdown(summarize_training(table))[1].split())
+    assert "BPTT at chance in the paper flavour (eb-2h), EP learning." in text
+    assert "--set model.flavor=official-code" in text and "docs/flavours.md" in text
+    # rows of the official-code flavour, or where BPTT learns, get no such note
+    learning = _train_table({"p-2h": ("paper", 12.2, 53.8), "p-1h": ("official-code", 12.0, 90.0)})
+    assert "BPTT at chance in the paper flavour" not in _training_markdown(summarize_training(learning))[1]
