@@ -105,3 +105,23 @@ def test_tf32_settings_reads_jax_as_it_is_set():
         assert "TF32 on for float32 dots" in bench.describe_tf32("jax", bench.tf32_settings("jax"))
     finally:
         jax.config.update("jax_default_matmul_precision", old)
+
+
+def test_bench_records_the_first_call_apart_and_the_tf32_state(tmp_path):
+    """`epbench bench` on torch-cpu: a first_call_seconds row beside seconds_per_batch, the TF32
+    line printed and kept in meta.json."""
+    import subprocess
+    import sys
+
+    from epbench.results import read_meta, read_table
+
+    out = subprocess.run([sys.executable, "-m", "epbench.cli", "bench", "-b", "torch-cpu", "-m", "p-1h", "-a", "ep",
+                          "--batches", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = tmp_path.iterdir()
+    df = read_table(run_dir)
+    value = {m: df.loc[df.metric == m, "value"].item() for m in df.metric.unique()}
+    assert value["first_call_seconds"] > 0 and value["seconds_per_batch"] > 0
+    line = bench.describe_tf32("torch", bench.tf32_settings("torch"))
+    assert read_meta(run_dir)["tf32"] == {"torch-cpu": line}
+    assert f"torch-cpu: {line}" in out.stdout

@@ -363,7 +363,7 @@ class JaxBackend(Backend):
         jax = _jax()
         n = n or (8192 if self.platform == "cuda" else 2048)
         with self._x64(dtype):
-            a = self._put(np.random.default_rng(0).standard_normal((n, n)), dtype)
+            a = self._put(np.random.default_rng(0).standard_normal((n, n), dtype=np.dtype(dtype)), dtype)
             from epbench_jax.models import mm
 
             f = jax.jit(mm).lower(a, a).compile()
