@@ -90,6 +90,10 @@ class TorchBackend(Backend):
     def __repr__(self) -> str:
         return f"TorchBackend({self.device_kind!r})"
 
+    def pop_implementation(self) -> str:
+        """Every call runs one way: eager PyTorch, one kernel launch per operation of each step."""
+        return "eager"
+
     # ----- discovery ----------------------------------------------------------------------
     def availability(self, probe: bool = False) -> Availability:
         if importlib.util.find_spec("torch") is None:
