@@ -445,6 +445,7 @@ def summarize_training(df: pd.DataFrame) -> pd.DataFrame:
                "batch_size": int(first["batch_size"]), "dataset": first["dataset"], "dtype": first["dtype"]}
         lr_col = next((c for c in LR_COLUMNS if c in rows.columns), None)
         rec["lrs"] = str(first[lr_col]) if lr_col else ""
+        rec["n_classes"] = _n_classes(first["model_desc"])
         tests = rows[rows["metric"] == "test_error"]
         rec["epochs_run"] = int(tests.loc[tests["epoch"] >= 0, "epoch"].nunique()) if len(tests) else 0
         for algo in ("ep", "bptt"):
@@ -485,7 +486,33 @@ def summarize_training(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
+def _trial_flags(rows: pd.DataFrame) -> dict:
+    """trial -> verdict (``status`` column: ok, diverged, exploded, chance) of one algorithm's
+    training rows. Tables written before the column existed: diverged from the ``diverged``
+    metric, else ok."""
+    flags = {}
+    for trial, part in rows.groupby("trial", sort=True):
+        recorded = [v for v in part["status"].astype(str) if v not in ("", "nan")] if "status" in part else []
+        if recorded:
+            flags[trial] = recorded[-1]
+        else:
+            div = part[part["metric"] == "diverged"]["value"]
+            flags[trial] = "diverged" if len(div) and div.max() > 0 else "ok"
+    return flags
+
+
+def _n_classes(model_desc: str) -> int:
+    """Output units of a model from ``ModelSpec.describe()`` ('p 784-512-10 ...' -> 10); 10 if
+    not written there (pconv)."""
+    arch = str(model_desc).split()
+    last = arch[1].rsplit("-", 1)[-1] if len(arch) > 1 and arch[0] != "pconv" else ""
+    return int(last) if last.isdigit() else 10
+
+
 def _table4_diff(rec: pd.Series) -> str:
+    """Which settings of a training experiment differ from its Table 4 row: activation, T, K, β,
+    epochs, batch size (20 throughout the paper), the learning rates (input side first) and ε
+    of EB models."""
     from epbench.presets import TABLE4
 
     if rec["preset"] not in TABLE4:
@@ -498,6 +525,9 @@ def _table4_diff(rec: pd.Series) -> str:
         if ours != ref:
             both = _isnum(ours) and _isnum(ref)
             diffs.append(f"{name} {ours:g} (paper {ref:g})" if both else f"{name} {ours} (paper {ref})")
+    published = "-".join(f"{v:g}" for v in lrs)
+    if rec["lrs"] and str(rec["lrs"]) != published:
+        diffs.append(f"learning rates {rec['lrs']} (paper {published})")
     eps = kw.get("dt")
     if kw.get("kind") == "eb" and _isnum(rec["dt"]) and eps != rec["dt"]:
         diffs.append(f"ε {rec['dt']:g} (paper {eps:g})")
@@ -583,7 +613,6 @@ def summarize_timing(df: pd.DataFrame) -> pd.DataFrame:
         # a GDU measurement gives rows of all three algorithms; training measures EP and BPTT apart
         rows = rows.assign(measured=np.where(rows["task"] == "train", rows["algorithm"], ""))
         meas = rows.drop_duplicates(figs.VARIANT[1:] + ["measured", "epoch", "compile_s", "run_s"])
-        rec["n_classes"] = _n_classes(first["model_desc"])
         rec = {"experiment": exp, "trial": int(trial), "task": rows["task"].iloc[0],
                "wall_time_s": float(rows.groupby(figs.VARIANT[1:])["wall_time_s"].max().sum()),
                "compile_s": float(meas["compile_s"].sum(min_count=1)),
@@ -622,33 +651,7 @@ def _one_beta(gdu: pd.DataFrame, one_sided: bool = False) -> pd.DataFrame:
 def _at_one_beta(rows: pd.DataFrame) -> pd.DataFrame:
     betas = list(dict.fromkeys(rows["beta"]))
     ref3 = paper_table3(paper.preset_key(rows.iloc[0].to_dict()))
-def _trial_flags(rows: pd.DataFrame) -> dict:
-    """trial -> verdict (``status`` column: ok, diverged, exploded, chance) of one algorithm's
-    training rows. Tables written before the column existed: diverged from the ``diverged``
-    metric, else ok."""
-    flags = {}
-    for trial, part in rows.groupby("trial", sort=True):
-        recorded = [v for v in part["status"].astype(str) if v not in ("", "nan")] if "status" in part else []
-        if recorded:
-            flags[trial] = recorded[-1]
-        else:
-            div = part[part["metric"] == "diverged"]["value"]
-            flags[trial] = "diverged" if len(div) and div.max() > 0 else "ok"
-    return flags
-
-
-def _n_classes(model_desc: str) -> int:
-    """Output units of a model from ``ModelSpec.describe()`` ('p 784-512-10 ...' -> 10); 10 if
-    not written there (pconv)."""
-    arch = str(model_desc).split()
-    last = arch[1].rsplit("-", 1)[-1] if len(arch) > 1 and arch[0] != "pconv" else ""
-    return int(last) if last.isdigit() else 10
-
-
     beta = ref3[2] if ref3 and ref3[2] in betas else max(betas, key=abs)
-    """Which settings of a training experiment differ from its Table 4 row: activation, T, K, β,
-    epochs, batch size (20 throughout the paper), the learning rates (input side first) and ε
-    of EB models."""
     return rows[rows["beta"] == beta]
 
 
@@ -660,9 +663,6 @@ def _distinct(df: pd.DataFrame, column: str) -> str:
     if column not in df or df.empty:
         return ""
     return ", ".join(str(v) for v in dict.fromkeys(df[column].astype(str)) if v not in ("", "nan"))
-    published = "-".join(f"{v:g}" for v in lrs)
-    if rec["lrs"] and str(rec["lrs"]) != published:
-        diffs.append(f"learning rates {rec['lrs']} (paper {published})")
 
 
 def _header(df: pd.DataFrame, meta: dict) -> list[str]:
