@@ -107,6 +107,11 @@ def _fmt_set(values: list) -> str:
     return ", ".join(str(v) for v in values)
 
 
+def _datasets(df: pd.DataFrame) -> str:
+    """The datasets of a table, in order of appearance ("mnist-5k", "fashion-mnist", ...)."""
+    return ", ".join(dict.fromkeys(str(d) for d in df["dataset"])) if "dataset" in df else "?"
+
+
 def settings_text(df: pd.DataFrame, keys=("T", "K", "beta", "dataset", "backend", "dtype")) -> str:
     """'T=100 · K=12 · β=0.5 · mnist · torch-cpu · float32' from the distinct values of ``df``."""
     names = {"T": "T=", "K": "K=", "beta": "β=", "epochs": "epochs=", "batch_size": "batch="}
@@ -191,7 +196,7 @@ def training_curves(df: pd.DataFrame, stem: str | os.PathLike, close: bool = Fal
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=8)
-    fig.suptitle("MNIST training: EP vs BPTT (cf. paper Figs 17-22)", fontsize=10)
+    fig.suptitle(f"Training on {_datasets(df)}: EP vs BPTT (cf. paper Figs 17-22)", fontsize=10)
     save_figure(fig, stem, close, formats)
     return fig
 
@@ -239,7 +244,7 @@ def final_error_bars(df: pd.DataFrame, stem: str | os.PathLike, close: bool = Fa
         ax.margins(y=0.15)
         if ax.patches:
             ax.legend(fontsize=8)
-    fig.suptitle("MNIST training: final errors, EP beside BPTT (cf. paper Table 1)", fontsize=10)
+    fig.suptitle(f"Training on {_datasets(df)}: final errors, EP beside BPTT (cf. paper Table 1)", fontsize=10)
     save_figure(fig, stem, close, formats)
     return fig
 

@@ -774,7 +774,8 @@ def render_report(run_dir: str | os.PathLike, svg: bool = False) -> Path:
     if not train.empty:
         summary = summarize_training(df)
         t4, t1md = _training_markdown(summary)
-        out += ["## Training on MNIST (Tables 4 and 1)", "", "### Settings (Table 4)", "", t4, "",
+        datasets = ", ".join(dict.fromkeys(str(d) for d in train["dataset"]))
+        out += [f"## Training on {datasets} (Tables 4 and 1)", "", "### Settings (Table 4)", "", t4, "",
                 "### Final errors (Table 1)", "",
                 "Test error at the last epoch: mean ± sample std (n−1) over the trials run (n); train error: "
                 "mean at the last epoch. Published: Table 1 of the paper (5 trials). Δ = run − published.", "",

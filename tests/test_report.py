@@ -141,7 +141,7 @@ def test_header_and_sections(report):
                  "epbench run suites/smoke.yaml --backend torch-cpu --quick", "`epochs=3`"):
         assert text in report, text
     for section in ("## Reduced run", "## Skipped experiments", "## GDU property", "## Theorem 1",
-                    "## Training on MNIST", "### Settings (Table 4)", "### Final errors (Table 1)", "## Timing"):
+                    "## Training on mnist-5k", "### Settings (Table 4)", "### Final errors (Table 1)", "## Timing"):
         assert section in report, section
     assert "- dataset mnist-5k instead of mnist" in report
     assert "not comparable" in report
