@@ -289,6 +289,20 @@ def test_not_enough_space_is_refused_before_the_run(tmp_path, capsys, mounts):
     assert list(target.iterdir()) == []  # the folders --out named are not left behind
 
 
+def _disk_full_for(monkeypatch, is_full) -> None:
+    """Simulated ENOSPC: every atomic write of a file for which ``is_full(path)`` fails."""
+    import epbench.results as results
+
+    real = results.atomic_write_bytes
+
+    def write(path, data):
+        if is_full(path):
+            raise OSError(28, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(results, "atomic_write_bytes", write)
+
+
 @pytest.mark.parametrize("meta_writable", [True, False])
 def test_disk_full_during_the_run(tmp_path, capsys, monkeypatch, meta_writable):
     """ENOSPC on the first results table (simulated: the disk cannot be filled at that moment
@@ -297,15 +311,15 @@ def test_disk_full_during_the_run(tmp_path, capsys, monkeypatch, meta_writable):
     later commands then read as interrupted."""
     import epbench.results as results
 
-    real, full = results.atomic_write_bytes, []
+    full = []
 
-    def full_disk(path, data):
+    def disk_full_for(path):
         if path.name == results.TABLE_PARQUET or (full and not meta_writable):
             full.append(path.name)
-            raise OSError(28, "No space left on device", str(path))
-        real(path, data)
+            return True
+        return False
 
-    monkeypatch.setattr(results, "atomic_write_bytes", full_disk)
+    _disk_full_for(monkeypatch, disk_full_for)
     out = tmp_path / "results"
     rc, _, lines = run_main(capsys, "-q", "run", str(suite_file(tmp_path, gdu())), "--out", str(out))
     (run_dir,) = run_dirs(out)
@@ -322,16 +336,7 @@ def test_disk_full_during_the_run(tmp_path, capsys, monkeypatch, meta_writable):
 
 def test_disk_full_while_writing_the_report(tmp_path, capsys, monkeypatch):
     """The results are complete and say so; the report could not be written (simulated ENOSPC)."""
-    import epbench.results as results
-
-    real = results.atomic_write_bytes
-
-    def full_disk(path, data):
-        if path.name == "report.md":
-            raise OSError(28, "No space left on device", str(path))
-        real(path, data)
-
-    monkeypatch.setattr(results, "atomic_write_bytes", full_disk)
+    _disk_full_for(monkeypatch, lambda path: path.name == "report.md")
     out = tmp_path / "results"
     rc, _, lines = run_main(capsys, "-q", "run", str(suite_file(tmp_path, gdu())), "--out", str(out))
     (run_dir,) = run_dirs(out)

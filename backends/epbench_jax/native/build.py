@@ -28,6 +28,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from epbench.results import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("one_hidden.cc")
@@ -113,21 +115,6 @@ def checksum_path(lib: Path) -> Path:
     return lib.with_name(lib.name + ".sha256")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def verified(lib: Path) -> bool:
     """Whether ``lib`` exists and matches the SHA-256 recorded beside it at build time."""
     try:
@@ -158,7 +145,7 @@ def _compile(cxx: str, include: str, out: Path) -> None:
                 raise RuntimeError(f"{' '.join(cmd[:2])} ... failed: {done.stderr.strip()[-500:]}")
         digest = sha256_of(lib)
         os.replace(lib, out)
-    write_atomic(checksum_path(out), f"{digest}  {out.name}\n".encode())
+    atomic_write_bytes(checksum_path(out), f"{digest}  {out.name}\n".encode())
 
 
 def library(cxx: str, include: str) -> Path:

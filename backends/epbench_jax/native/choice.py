@@ -87,12 +87,13 @@ def read_choices(path: Path) -> dict:
 
 def store(path: Path, entry_key: str, entry: dict) -> None:
     """Add one decision to the file (read, merged and written under the cache's lock)."""
-    from epbench_jax.native.build import locked, write_atomic
+    from epbench.results import atomic_write_bytes
+    from epbench_jax.native.build import locked
 
     with locked(path.parent):
         data = read_choices(path)
         data[entry_key] = entry
-        write_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
 
 
 def measure(spec: ModelSpec, batch: int, steps: int, nudged: bool) -> dict:
