@@ -1,23 +1,19 @@
-"""The contract between the core and a backend.
+"""The contract between the core and a backend: everything a backend implements is on this page.
 
 A backend is an object registered through the ``epbench_backends`` hook (see
-:mod:`epbench.hookspecs`). The core only ever hands it NumPy arrays and a spec, and only ever
-receives NumPy arrays back, except for the *parameters*, which stay in the backend's own
-native form between calls (``from_numpy`` / ``to_numpy``) so that training never copies them.
+:mod:`epbench.hookspecs`). It supplies only what a framework can do: arrays on a device, one
+model's dynamics as a few primitives (:class:`Dynamics`), loop combinators (:class:`~epbench.ops.Ops`),
+running a program (compiled, on a compiling backend), synchronisation and the matmul peak.
+Everything else is written once in the core and runs on every backend:
 
-Shapes: ``x`` is ``(B, *spec.input_shape)`` and ``y`` is ``(B, n_out)`` one-hot; states are
-lists ``[s0, ..., sL]`` of ``(B, *spec.state_shapes[i])`` arrays.
+* the phases (:mod:`epbench.phases`), the algorithms (:mod:`epbench.algorithms`: the EP update in
+  ``ep.py``, the Prop. 4 recursion in ``bptt.py``), the GDU processes (:mod:`epbench.compute`);
+* the training loop, online error, divergence policy and evaluation (:mod:`epbench.training`).
 
-Processes (:class:`GDUProcesses`) follow appendix eqs 29-33 with index t = 0..K:
-
-* ``bptt_s[i][t] = Σ_batch ∂L/∂s^i_{T-t}`` with ``L = ‖s0_T − y‖² / (2B)``;
-  ``bptt_theta[p][t] = ∂L/∂θ_{T-t}`` where θ_{T-t} is the copy of θ used by the step
-  s_{T-t} → s_{T-t+1}; ``bptt_theta[p][0] = 0``.
-* ``ep_s[i][t] = Σ_batch (s^β_{t+1} − s^β_t) / (B·ep_scale)`` and
-  ``ep_theta[p][t] = (∂Φ/∂θ(s^β_t) − ∂Φ/∂θ(s^β_{t−1})) / ep_scale`` (batch-averaged ∂Φ/∂θ),
-  ``ep_theta[p][0] = 0``; ``ep_scale = spec.ep_scale(β)``.
-
-Theorem 1: ``ep_* → −bptt_*`` as β → 0 when F = ∂Φ/∂s.
+The core hands a backend NumPy arrays and gets NumPy arrays back, except for the *parameters*,
+which stay in the backend's own form between calls (``from_numpy`` / ``to_numpy``) so that
+training never copies them. Shapes: ``x`` is ``(B, *spec.input_shape)`` and ``y`` is
+``(B, n_out)`` one-hot; canonical states are lists ``[s0, ..., sL]`` of ``(B, *spec.state_shapes[i])``.
 
 Reporting: after the calls of an experiment the runner asks :meth:`Backend.pop_implementation`
 which implementation ran them (e.g. ``xla-loop`` or ``fused-cpp`` on jax-cpu, ``eager``), and
@@ -26,13 +22,16 @@ records it on every row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from abc import ABC, abstractmethod
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
-from epbench.spec import Algorithm, ModelSpec, PhaseSettings, TrainSettings
+from epbench.ops import Ops
+from epbench.spec import ModelSpec
 
 Params = Any  # backend-native parameter container
 NDict = dict[str, np.ndarray]
@@ -45,27 +44,6 @@ class Availability:
     device: str = ""
 
 
-@dataclasses.dataclass
-class GDUProcesses:
-    """Per-step processes of EP and BPTT, t = 0..K, batch-averaged (see module docstring)."""
-
-    ep_s: list[np.ndarray]  # per layer: (K+1, *state_shape)
-    bptt_s: list[np.ndarray]  # per layer: (K+1, *state_shape)
-    ep_theta: NDict  # per parameter: (K+1, *param_shape)
-    bptt_theta: NDict  # per parameter: (K+1, *param_shape)
-    s_free: list[np.ndarray]  # first-phase states s_T, (B, *state_shape)
-    convergence: float  # max_i ‖s^i_T − s^i_{T−1}‖_∞ over the batch
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class EpochResult:
-    params: Params
-    train_error: float  # % of argmax(s0 after first phase) != label, online, before each update
-    diverged: bool = False
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
     """What a backend declares it supports; the conformance kit skips the rest."""
@@ -74,11 +52,39 @@ class Capabilities:
     flavors: tuple[str, ...] = ("paper", "official-code")
     dtypes: tuple[str, ...] = ("float32", "float64")
     activations: tuple[str, ...] = ("sigmoid", "hard_sigmoid", "tanh")
-    #: implements ``PhaseSettings.alternate`` (even/odd alternation of the P models) in training
+    #: implements ``PhaseSettings.alternate`` (the double step of the P models) in its dynamics
     alternate: bool = False
     #: compiles a program for each new shape on first use, so the first call of an experiment
     #: takes longer (the runner says so before it)
     compiles: bool = False
+
+
+class Dynamics(Protocol):
+    """One model's dynamics on one batch ``x``, in the backend's arrays (built by
+    :meth:`Backend.dynamics` inside a program). States are sequences ``(s0, ..., sL)`` in the
+    backend's own layout (``external`` converts them to the canonical one). ``nudge`` is
+    ``None`` or ``(β, y)``: the nudge ``β(y − s0)`` added to ``dsdt_0`` (appendix eq. 35)."""
+
+    spec: ModelSpec
+    batch: int
+    #: ``prop4`` runs eq. 32 as the sweep and eq. 33 mapped over t (see ``algorithms.bptt``)
+    split_sweep: bool
+    #: ``ops.map`` over time may vectorise ∂Φ/∂θ increments (large products batch well)
+    batched_maps: bool
+
+    def zeros(self): """s = 0 for every layer."""
+    def step(self, s, nudge=None): """F(x, s, θ): one step ``s + dt·dsdt(s)`` (then the clamp)."""
+    def run(self, s, n: int, nudge=None): """n steps of ``step`` (a fused kernel may override)."""
+    def vjp(self, s, g) -> tuple: """(∂F/∂s(s)ᵀg, raw ∂F/∂θ(s)ᵀg): eqs 32-33 for one step."""
+    def vjp_states(self, s, g): """∂F/∂s(s)ᵀg alone (eq. 32)."""
+    def vjp_theta_sum(self, states, cots): """Σ_t raw ∂F/∂θ(s_t)ᵀg_t over stacked s_t, g_t."""
+    def theta_grad(self, raw) -> dict: """raw cotangents (linear) → ∂/∂θ by canonical name."""
+    def dphi_increment(self, s, q, s_at=None, q_at=None) -> dict:
+        """∂Φ/∂θ(s) − ∂Φ/∂θ(q), batch-averaged, from the increments (argmax positions of pconv's
+        pooling at ``s_at``/``q_at`` when given, ``ModelSpec.late_pool_indices``)."""
+    def phi(self, s): """Φ(x, s, θ) summed over the batch (0-d)."""
+    def external(self, s) -> list: """States in the canonical layout."""
+    def internal(self, s): """States from the canonical layout."""
 
 
 class Backend(ABC):
@@ -117,7 +123,7 @@ class Backend(ABC):
             return f"{self.name} does not support the {spec.activation} activation"
         return None
 
-    # ----- parameters ---------------------------------------------------------------------
+    # ----- parameters and arrays ------------------------------------------------------------
     def init_params(self, spec: ModelSpec, seed: int) -> NDict:
         """Initial parameters from a seed, as NumPy (float64). The default is the core's
         backend-independent initialisation, so every backend starts from the same weights."""
@@ -133,47 +139,48 @@ class Backend(ABC):
     def to_numpy(self, spec: ModelSpec, params: Params) -> NDict:
         """Canonical NumPy arrays from native parameters."""
 
-    # ----- phases and algorithms ----------------------------------------------------------
     @abstractmethod
-    def first_phase(self, spec: ModelSpec, params: Params, x: np.ndarray, T: int) -> list[np.ndarray]:
-        """States after T free steps from s = 0."""
+    def cast(self, params: Params, dtype: str) -> Params:
+        """Native parameters in ``dtype`` on the backend's device (the same object if they are)."""
 
     @abstractmethod
-    def ep_update(self, spec: ModelSpec, params: Params, x: np.ndarray, y: np.ndarray,
-                  phase: PhaseSettings) -> NDict:
-        """Σ_{t=1..K} ΔEP_θ(t) = (∂Φ/∂θ(s^β_K) − ∂Φ/∂θ(s*)) / ep_scale, batch-averaged:
-        the direction *added* with the learning rate. Symmetric nudging when ``phase.symmetric``."""
+    def dtype_of(self, params: Params) -> str:
+        """The float dtype name (``"float32"``, ``"float64"``) of native parameters."""
 
     @abstractmethod
-    def bptt_grad(self, spec: ModelSpec, params: Params, x: np.ndarray, y: np.ndarray,
-                  phase: PhaseSettings) -> NDict:
-        """∂L/∂θ with BPTT truncated to ``spec.bptt_span(K)`` steps: the direction *subtracted*."""
+    def asarray(self, a: np.ndarray, dtype: str | None = None) -> Any:
+        """A native array from a NumPy one (``dtype``: a float dtype name; ``None`` keeps it)."""
+
+    def to_host(self, tree) -> Any:
+        """NumPy arrays from a tree of native ones."""
+        from epbench.ops import tree_map
+
+        return tree_map(np.asarray, tree)
+
+    def precision(self, dtype: str) -> contextlib.AbstractContextManager:
+        """Context for every call in ``dtype`` (e.g. JAX's float64 switch, IEEE float32 on CUDA)."""
+        return contextlib.nullcontext()
+
+    # ----- primitives ---------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def ops(self) -> Ops:
+        """Loop combinators and the array namespace (:class:`epbench.ops.EagerOps` for Python loops)."""
 
     @abstractmethod
-    def gdu(self, spec: ModelSpec, params: Params, x: np.ndarray, y: np.ndarray,
-            phase: PhaseSettings) -> GDUProcesses:
-        """All four processes for t = 0..K (Prop. 4 recursion for BPTT, in one backward sweep)."""
+    def dynamics(self, spec: ModelSpec, params: Params, x, alternate: bool = False) -> Dynamics:
+        """The :class:`Dynamics` of ``spec`` on the native batch ``x`` (called inside a program).
+        ``alternate``: ``step`` is the double step of ``PhaseSettings.alternate`` (only with
+        ``capabilities.alternate``)."""
 
-    @abstractmethod
-    def train_epoch(self, spec: ModelSpec, params: Params, x: np.ndarray, labels: np.ndarray,
-                    phase: PhaseSettings, train: TrainSettings, algorithm: Algorithm) -> EpochResult:
-        """One epoch of SGD over (x, labels) in consecutive mini-batches of ``train.batch_size``
-        (the core shuffles before the call; a last short batch is used as it is).
-        EP: θ += lr·ep_update; BPTT: θ −= lr·bptt_grad, per layer (``train.lr_of_layer``).
-        A NaN/inf in the states or parameters stops the epoch with ``diverged=True``."""
-
-    def train_epochs(self, spec: ModelSpec, params: Sequence[Params], xs: Sequence[np.ndarray],
-                     labels: Sequence[np.ndarray], phase: PhaseSettings, train: TrainSettings,
-                     algorithm: Algorithm) -> list[EpochResult]:
-        """One epoch of several independent trials (their own parameters and data order, the
-        same data size): ``[train_epoch(params[i], xs[i], labels[i]) for i]``. A backend may
-        override it to run the trials as one batched program; the results must be the same."""
-        return [self.train_epoch(spec, p, x, lab, phase, train, algorithm) for p, x, lab in zip(params, xs, labels)]
-
-    @abstractmethod
-    def evaluate(self, spec: ModelSpec, params: Params, x: np.ndarray, labels: np.ndarray,
-                 T: int, batch_size: int = 1000) -> float:
-        """Test error in % (argmax of s0 after the first phase)."""
+    def run(self, key: tuple, build: Callable[[], Callable], *args) -> tuple[Any, dict[str, float]]:
+        """Run the program ``build()`` on native ``args``; returns ``(outputs, {"compile_s", "run_s"})``.
+        ``key`` (hashable: the program's name and static settings) lets a compiling backend cache
+        the compiled program per key and argument shapes. The default calls it eagerly."""
+        t0 = time.perf_counter()
+        out = build()(*args)
+        self.synchronize()
+        return out, {"compile_s": 0.0, "run_s": time.perf_counter() - t0}
 
     # ----- optional -----------------------------------------------------------------------
     def pop_implementation(self) -> str:
@@ -185,20 +192,13 @@ class Backend(ABC):
         (``"default"`` without one), for a backend with one way of running each call."""
         return self.framework or "default"
 
+    #: train several trials as one program (``ops.map`` over stacked trials); off by default
+    batch_trials: bool = False
+
     def synchronize(self) -> None:
         """Wait for queued device work (for honest timings)."""
 
     def matmul_gflops(self, n: int = 2048, dtype: str = "float32", repeats: int = 10) -> float | None:
         """Measured n×n matmul throughput of this backend's device in GFLOP/s (its practical
         peak), or None if the backend does not measure it (the core then uses NumPy)."""
-        return None
-
-    def step_function(self, spec: ModelSpec, params: Params, x: np.ndarray,
-                      states: list[np.ndarray]) -> list[np.ndarray] | None:
-        """F(x, s, θ) = s + h·dsdt(s): one free step *before* the clamp (optional: used by the
-        conformance kit)."""
-        return None
-
-    def phi(self, spec: ModelSpec, params: Params, x: np.ndarray, states: list[np.ndarray]) -> float | None:
-        """Φ(x, s, θ) summed over the batch (optional: used by the conformance kit)."""
         return None

@@ -1,8 +1,10 @@
-"""The built-in plugin: registers epbench's own datasets (cheap to import)."""
+"""The built-in plugin: registers epbench's own datasets and algorithms (cheap to import)."""
 
 from __future__ import annotations
 
 from epbench import hookimpl
+from epbench.algorithms.bptt import BPTT
+from epbench.algorithms.ep import EP
 from epbench.datasets.mnist import FashionMnist, Mnist
 from epbench.datasets.mnist5k import Mnist5k
 
@@ -10,3 +12,8 @@ from epbench.datasets.mnist5k import Mnist5k
 @hookimpl
 def epbench_datasets():
     return [Mnist5k(), Mnist(), FashionMnist()]
+
+
+@hookimpl
+def epbench_algorithms():
+    return [EP(), BPTT()]

@@ -28,3 +28,9 @@ def epbench_backends() -> list:
 @hookspec
 def epbench_datasets() -> list:
     """Return a list of :class:`epbench.datasets.Dataset` instances to register by name."""
+
+
+@hookspec
+def epbench_algorithms() -> list:
+    """Return a list of :class:`epbench.algorithms.Algorithm` instances to register by their
+    ``name`` (the built-ins ``ep`` and ``bptt`` are registered this way too)."""

@@ -1,5 +1,5 @@
-"""Plugin manager: loads the ``epbench`` entry points and builds the backend and dataset
-registries from the hooks.
+"""Plugin manager: loads the ``epbench`` entry points and builds the backend, dataset and
+algorithm registries from the hooks.
 
 * a broken third-party entry point warns and is skipped (``strict=True``, or
   ``EPBENCH_STRICT_PLUGINS=1``, makes it an error);
@@ -50,11 +50,17 @@ class Registry:
     plugins: list[PluginInfo]
     backends: dict
     datasets: dict
+    algorithms: dict
 
     def backend(self, name: str):
         if name not in self.backends:
             raise EpbenchError(unknown_name_message("backend", name, self.backends))
         return self.backends[name]
+
+    def algorithm(self, name: str):
+        if name not in self.algorithms:
+            raise EpbenchError(unknown_name_message("algorithm", name, self.algorithms))
+        return self.algorithms[name]
 
     def dataset(self, name: str):
         if name not in self.datasets:
@@ -125,7 +131,8 @@ def build_registry(strict: bool | None = None) -> Registry:
                           PluginWarning, stacklevel=2)
     backends = _collect(pm, "epbench_backends", infos, strict)
     datasets = _collect(pm, "epbench_datasets", infos, strict)
-    return Registry(pm, infos, backends, datasets)
+    algorithms = _collect(pm, "epbench_algorithms", infos, strict)
+    return Registry(pm, infos, backends, datasets, algorithms)
 
 
 def _collect(pm: pluggy.PluginManager, hook_name: str, infos: list[PluginInfo], strict: bool) -> dict:
@@ -177,3 +184,12 @@ def get_backend(name: str):
 
 def get_dataset(name: str):
     return registry().dataset(name)
+
+
+def get_algorithm(name: str):
+    return registry().algorithm(name)
+
+
+def algorithms() -> dict:
+    """Every registered algorithm by name."""
+    return registry().algorithms

@@ -1,6 +1,6 @@
 """Dynamics of the four model kinds of ``docs/equations.md``: explicit step functions, Φ and ∂Φ/∂θ.
 
-Every model object exposes the same small interface, used by :mod:`epbench_torch.algorithms`:
+Every model object exposes the same small interface, used by :mod:`epbench_torch.dynamics`:
 
 * ``drive(params, x) -> (drives, ctx)``: the constant input drive, computed once per batch.
   ``drives[i]`` is the part of ``pre_i`` that depends on the input only (``W_{i,x} u + b_i``,
