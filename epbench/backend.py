@@ -78,10 +78,11 @@ class Dynamics(Protocol):
     def vjp(self, s, g) -> tuple: """(∂F/∂s(s)ᵀg, raw ∂F/∂θ(s)ᵀg): eqs 32-33 for one step."""
     def vjp_states(self, s, g): """∂F/∂s(s)ᵀg alone (eq. 32)."""
     def vjp_theta_sum(self, states, cots): """Σ_t raw ∂F/∂θ(s_t)ᵀg_t over stacked s_t, g_t."""
-    def theta_grad(self, raw) -> dict: """raw cotangents (linear) → ∂/∂θ by canonical name."""
-    def dphi_increment(self, s, q, s_at=None, q_at=None) -> dict:
-        """∂Φ/∂θ(s) − ∂Φ/∂θ(q), batch-averaged, from the increments (argmax positions of pconv's
-        pooling at ``s_at``/``q_at`` when given, ``ModelSpec.late_pool_indices``)."""
+    def theta_grad(self, raw, stacked: bool = False) -> dict:
+        """raw cotangents (linear) → ∂/∂θ by canonical name; ``stacked``: along a leading time axis."""
+    def dphi_increment(self, s, q, s_at=None, q_at=None, scale=1.0) -> dict:
+        """(∂Φ/∂θ(s) − ∂Φ/∂θ(q)) / scale, batch-averaged, from the increments (argmax positions
+        of pconv's pooling at ``s_at``/``q_at`` when given, ``ModelSpec.late_pool_indices``)."""
     def phi(self, s): """Φ(x, s, θ) summed over the batch (0-d)."""
     def external(self, s) -> list: """States in the canonical layout."""
     def internal(self, s): """States from the canonical layout."""

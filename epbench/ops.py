@@ -58,17 +58,19 @@ class Ops:
             carry = body(carry)
         return carry
 
-    def scan(self, body: Callable, carry, xs=None, length: int | None = None, reverse: bool = False):
+    def scan(self, body: Callable, carry, xs=None, length: int | None = None, reverse: bool = False,
+             first_y=None):
         """``lax.scan`` semantics: ``carry, y = body(carry, x)`` over the leading axis of ``xs``
         (or ``length`` times with ``x = None``); returns ``(carry, ys)`` with the ``y`` stacked
-        in the order of ``xs`` (also when ``reverse`` runs from the last element back)."""
+        in the order of ``xs`` (also when ``reverse`` runs from the last element back), and
+        ``first_y`` (a tree like one ``y``), when given, stacked in front of them."""
         n = length if xs is None else self.tree_leaves(xs)[0].shape[0]
         order = range(n - 1, -1, -1) if reverse else range(n)
         ys = [None] * n
         for i in order:
             x = None if xs is None else self.tree_map(lambda a: a[i], xs)
             carry, ys[i] = body(carry, x)
-        return carry, self.stack(ys)
+        return carry, self.stack(ys if first_y is None else [first_y] + ys)
 
     def cond(self, pred, true_fn: Callable, false_fn: Callable, operand):
         """``true_fn(operand)`` if ``pred`` else ``false_fn(operand)`` (``pred`` a 0-d boolean array)."""

@@ -40,13 +40,13 @@ def nudged_end(ops, dyn, s, beta, y, n: int):
     return before, dyn.step(before, (beta, y))
 
 
-def dphi_difference(dyn, s, q) -> dict:
-    """∂Φ/∂θ(s[1]) − ∂Φ/∂θ(q[1]), batch-averaged, for two ``(predecessor, state)`` pairs, formed
-    from the state increments (``dyn.dphi_increment``). Under ``ModelSpec.late_pool_indices``
+def dphi_difference(dyn, s, q, scale=1.0) -> dict:
+    """(∂Φ/∂θ(s[1]) − ∂Φ/∂θ(q[1])) / scale, batch-averaged, for two ``(predecessor, state)`` pairs,
+    formed from the state increments (``dyn.dphi_increment``). Under ``ModelSpec.late_pool_indices``
     (official-code pconv) each state is unpooled with the argmax positions of its predecessor,
     as the official step hands them over; otherwise with its own (Lemma 5)."""
     at = (s[0], q[0]) if dyn.spec.late_pool_indices else (None, None)
-    return dyn.dphi_increment(s[1], q[1], *at)
+    return dyn.dphi_increment(s[1], q[1], *at, scale=scale)
 
 
 def loss_grad(ops, s_T, y):

@@ -81,16 +81,20 @@ class TorchDynamics:
             total = raw if total is None else _add(total, raw)
         return total
 
-    def theta_grad(self, raw) -> dict:
-        """Step-parameter cotangents as they are; drive cotangents through ``model.drive_vjp``."""
+    def theta_grad(self, raw, stacked: bool = False) -> dict:
+        """Step-parameter cotangents as they are; drive cotangents through ``model.drive_vjp``
+        (one product for every time slice)."""
         g_step, g_drive = raw
-        stacked = [None if g is None else g.unsqueeze(0) for g in g_drive]
-        return {**g_step, **{k: v[0] for k, v in self.model.drive_vjp(self.params, self.ctx, stacked).items()}}
+        if stacked:
+            return {**g_step, **self.model.drive_vjp(self.params, self.ctx, g_drive)}
+        one = [None if g is None else g.unsqueeze(0) for g in g_drive]
+        return {**g_step, **{k: v[0] for k, v in self.model.drive_vjp(self.params, self.ctx, one).items()}}
 
-    def dphi_increment(self, s, q, s_at=None, q_at=None) -> dict:
+    def dphi_increment(self, s, q, s_at=None, q_at=None, scale=1.0) -> dict:
         if s_at is None and q_at is None:
-            return self.model.dphi_increment(self.params, self.ctx, list(s), list(q))
-        return self.model.dphi_increment(self.params, self.ctx, list(s), list(q), s_at=list(s_at), q_at=list(q_at))
+            return self.model.dphi_increment(self.params, self.ctx, list(s), list(q), scale=scale)
+        return self.model.dphi_increment(self.params, self.ctx, list(s), list(q), s_at=list(s_at), q_at=list(q_at),
+                                         scale=scale)
 
     def phi(self, s):
         return self.model.phi(self.params, self.x, list(s))

@@ -186,8 +186,8 @@ class DenseModel:
                 g[f"b{i}"] = r[i].sum(0).mul_(c)
         return g
 
-    def dphi_increment(self, params: dict, ctx: dict, s: list, q: list) -> dict:
-        """∂Φ/∂θ(s) − ∂Φ/∂θ(q) (as :meth:`dphi_dtheta`), formed from the increments so that it is
+    def dphi_increment(self, params: dict, ctx: dict, s: list, q: list, scale=1.0) -> dict:
+        """(∂Φ/∂θ(s) − ∂Φ/∂θ(q)) / scale (as :meth:`dphi_dtheta`), formed from the increments so that it is
         exactly 0 where nothing moved and free of the cancellation of two nearly equal products:
         ``ρ(s_i)ᵀρ(s_j) − ρ(q_i)ᵀρ(q_j) = [Δ_i; ρ(q_i)]ᵀ[ρ(s_j); Δ_j]`` (one product), ``Δ_iᵀu``."""
         B = s[0].shape[0]
@@ -204,7 +204,7 @@ class DenseModel:
         if self.biases:
             for i in range(self.n):
                 g[f"b{i}"] = d[i].sum(0).mul_(c)
-        return g
+        return _divided(g, scale)
 
     def drive_vjp(self, params: dict, ctx: dict, g: list) -> dict:
         """From ``g[i] = ∂L/∂drive_i`` stacked over time ``(n_t, B, n_i)``: ``∂L/∂W_{i,x} = gᵀu`` and
@@ -313,8 +313,8 @@ class ConvModel:
         return g
 
     def dphi_increment(self, params: dict, ctx: dict, s: list, q: list,
-                       s_at: list | None = None, q_at: list | None = None) -> dict:
-        """∂Φ/∂θ(s) − ∂Φ/∂θ(q) (as :meth:`dphi_dtheta`, except that the argmax positions idx1 of s
+                       s_at: list | None = None, q_at: list | None = None, scale=1.0) -> dict:
+        """(∂Φ/∂θ(s) − ∂Φ/∂θ(q)) / scale (as :meth:`dphi_dtheta`, except that the argmax positions idx1 of s
         are those of the state ``s_at``, of q those of ``q_at``: by default each state's own,
         Lemma 5; the official-code flavour passes the previous states,
         ``ModelSpec.late_pool_indices``), from the increments:
@@ -336,7 +336,7 @@ class ConvModel:
             g["b0"] = d[0].sum(0).div_(B)
             g["b1"] = d[1].sum((0, 2, 3)).div_(B)
             g["b2"] = d[2].sum((0, 2, 3)).div_(B)
-        return g
+        return _divided(g, scale)
 
     def drive_vjp(self, params: dict, ctx: dict, g: list) -> dict:
         """From ``g[2] = ∂L/∂pool2`` stacked over time: ``∂L/∂W2x = Unpool(g, idx2) ⋆ u``, ``∂L/∂b2 = Σ g``."""
@@ -349,6 +349,14 @@ class ConvModel:
         if self.biases:
             out["b2"] = g2.sum((1, 3, 4))
         return out
+
+
+def _divided(g: dict, scale) -> dict:
+    """``g / scale`` in place (nothing to do for 1.0)."""
+    if not (isinstance(scale, float) and scale == 1.0):
+        for v in g.values():
+            v.div_(scale)
+    return g
 
 
 class Alternated:

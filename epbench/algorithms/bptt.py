@@ -35,7 +35,8 @@ def prop4(ops, dyn, states, s_T, y, per_step: bool):
     ``states`` holds s_{T−n}..s_{T−1} stacked in time order; the sweep runs from s_{T−1} back
     to s_{T−n}. ∇θ(t) is the gradient w.r.t. the copy of θ used by the step s_{T−t} → s_{T−t+1}.
     The one-step VJP returns cotangents in the dynamics' own form (``raw``), linear in ∇s(t−1);
-    ``dyn.theta_grad`` maps them to the canonical parameters, once for a sum over t.
+    ``dyn.theta_grad`` maps them to the canonical parameters, once for a sum over t and once for
+    all t stacked.
 
     Two ways to run it, the same numbers: by default each step of the sweep does eqs 32 and 33
     together; with ``dyn.split_sweep`` the sweep runs eq. 32 only and eq. 33, which needs no
@@ -66,7 +67,7 @@ def prop4(ops, dyn, states, s_T, y, per_step: bool):
         # t = 0..n: at t = 0 the cotangent is 0, so ∇θ(0) = 0 exactly (any state will do)
         s_t = ops.concat_front(s_T, ops.tree_map(flip, states))
         g_t = ops.concat_front(ops.tree_map(xp.zeros_like, g0), ops.tree_map(flip, cot))
-        return bptt_s, ops.map(lambda s, g: dyn.theta_grad(dyn.vjp(s, g)[1]), s_t, g_t, batched=True)
+        return bptt_s, dyn.theta_grad(ops.map(lambda s, g: dyn.vjp(s, g)[1], s_t, g_t, batched=True), stacked=True)
 
     if not per_step:
         def acc(carry, s):
@@ -80,12 +81,11 @@ def prop4(ops, dyn, states, s_T, y, per_step: bool):
             (_, raw), _ = ops.scan(acc, (gs, raw), ops.tree_map(lambda a: a[:n - 1], states), reverse=True)
         return dyn.theta_grad(raw)
 
-    def body(g, s):
-        gs, raw = dyn.vjp(s, g)
-        return gs, (batch_sum(gs), dyn.theta_grad(raw))
+    def body(g, t):  # step t = 1..n, at s_{T−t}
+        gs, raw = dyn.vjp(ops.tree_map(lambda a: a[n - t], states), g)
+        return gs, (batch_sum(gs), raw)
 
-    _, (bs, bth) = ops.scan(body, g0, states, reverse=True)  # index j: t = n − j
-    flip = lambda v: xp.flip(v, axis=0)  # noqa: E731
-    bptt_s = [xp.concat([a[None, ...], flip(b)], axis=0) for a, b in zip(batch_sum(g0), bs)]
-    bptt_theta = {k: xp.concat([xp.zeros_like(v[:1, ...]), flip(v)], axis=0) for k, v in bth.items()}
-    return bptt_s, bptt_theta
+    # row t = 0: the cotangent is 0, so ∇θ(0) = 0 exactly (any state will do)
+    _, raw0 = dyn.vjp(s_T, ops.tree_map(xp.zeros_like, g0))
+    _, (bptt_s, raws) = ops.scan(body, g0, xp.arange(1, n + 1), first_y=(batch_sum(g0), raw0))
+    return bptt_s, dyn.theta_grad(raws, stacked=True)  # linear: one map over every t

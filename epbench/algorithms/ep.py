@@ -41,7 +41,7 @@ class EP(Algorithm):
             lo, div = nudged_end(ops, dyn, star[1], -beta, y, K), 2.0 * scale
         else:
             lo, div = star, scale
-        return {k: v / div for k, v in dphi_difference(dyn, plus, lo).items()}
+        return dphi_difference(dyn, plus, lo, div)
 
     def gradient(self, ops, dyn, free: FreePhase, y, beta, steps: Steps, phase) -> dict:
         delta = self.update(ops, dyn, _star(ops, free), y, beta, steps.K, phase.symmetric)
@@ -89,12 +89,13 @@ def one_sided_processes(ops, dyn, star, y, beta, K: int):
         es.append(xp.sum(diff, axis=1) / (B * scale))
     cur = ops.tree_map(lambda v: v[:-1, ...], traj)  # s^β_t, t = 0..K
     prev = ops.concat_front(s_star, ops.tree_map(lambda v: v[:-2, ...], traj))  # s^β_{t−1}; s^β_{−1} := s*
+
     if not spec.late_pool_indices:
-        inc = ops.map(lambda a, b: dphi_difference(dyn, (None, a), (None, b)), cur, prev,
+        eth = ops.map(lambda a, b: dphi_difference(dyn, (None, a), (None, b), scale), cur, prev,
                       batched=dyn.batched_maps)
     else:  # predecessors: of s^β_t, s^β_{t−1} (of s^β_0 = s*, s_{T−1}); of row 0's prev (s*), s_{T−1}
         cur_at = ops.concat_front(star[0], ops.tree_map(lambda v: v[:-2, ...], traj))
         prev_at = ops.concat_front(star[0], ops.tree_map(lambda v: v[:-1, ...], cur_at))
-        inc = ops.map(lambda a, b, a_at, b_at: dphi_difference(dyn, (a_at, a), (b_at, b)),
+        eth = ops.map(lambda a, b, a_at, b_at: dphi_difference(dyn, (a_at, a), (b_at, b), scale),
                       cur, prev, cur_at, prev_at, batched=dyn.batched_maps)
-    return es, {k: v / scale for k, v in inc.items()}
+    return es, eth
