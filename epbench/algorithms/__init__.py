@@ -49,8 +49,14 @@ class Algorithm:
     summary: ClassVar[str] = ""
     #: sign with which ``processes`` estimate BPTT's (∇s(t), ∇θ(t)): EP's ΔEP → −∇ (−1)
     process_sign: ClassVar[float] = 1.0
-    #: the algorithm uses the nudging strength β (the kit then checks it at small β)
+    #: the algorithm uses the nudging strength β
     uses_beta: ClassVar[bool] = False
+    #: how its gradient relates to BPTT's, which the conformance kit checks on every model:
+    #: "exact" (equal: BPTT itself, checked against finite differences of L), "fixed-point"
+    #: (equal when the first phase has converged), "small-beta" (→ BPTT's as β → 0 when
+    #: F = ∂Φ/∂s, Theorem 1), or "" (nothing to check)
+    agrees_with_bptt: ClassVar[str] = ""
+
     #: first-phase states (before s_T) that ``gradient`` needs, as a function of the steps
     def history(self, steps: Steps, spec) -> int:
         return 0

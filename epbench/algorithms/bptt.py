@@ -12,6 +12,7 @@ class BPTT(Algorithm):
 
     name = "bptt"
     summary = "backpropagation through time, Prop. 4 recursion (eqs 31-33)"
+    agrees_with_bptt = "exact"
     process_sign = 1.0
 
     def history(self, steps: Steps, spec) -> int:

@@ -27,6 +27,7 @@ class EP(Algorithm):
 
     name = "ep"
     summary = "Equilibrium Propagation (one-sided, or symmetric nudging), eq. 10"
+    agrees_with_bptt = "small-beta"
     process_sign = -1.0
     uses_beta = True
 

@@ -1,0 +1,1 @@
+"""Almeida-Pineda recurrent backpropagation (RBP) for epbench."""
