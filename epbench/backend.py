@@ -48,15 +48,18 @@ class Availability:
 class Capabilities:
     """What a backend declares it supports; the conformance kit skips the rest."""
 
-    kinds: tuple[str, ...] = ("toy", "eb", "p", "pconv")
+    #: model kinds it runs (``None``: every registered model its primitives allow)
+    kinds: tuple[str, ...] | None = None
     flavors: tuple[str, ...] = ("paper", "official-code")
     dtypes: tuple[str, ...] = ("float32", "float64")
     activations: tuple[str, ...] = ("sigmoid", "hard_sigmoid", "tanh")
-    #: implements ``PhaseSettings.alternate`` (the double step of the P models) in its dynamics
-    alternate: bool = False
     #: compiles a program for each new shape on first use, so the first call of an experiment
     #: takes longer (the runner says so before it)
     compiles: bool = False
+    #: ``ops.vjp`` exists (else only models with an analytic ``step_vjp`` run)
+    autodiff: bool = True
+    #: ``ops`` has the feature-map operations (convolutions, pooling)
+    feature_maps: bool = True
 
 
 class Dynamics(Protocol):
@@ -114,8 +117,13 @@ class Backend(ABC):
     def supports(self, spec: ModelSpec, dtype: str) -> str | None:
         """``None`` if supported, else the reason it is not."""
         caps = self.capabilities
-        if spec.kind not in caps.kinds:
+        model = spec.model
+        if caps.kinds is not None and spec.kind not in caps.kinds:
             return f"{self.name} does not implement the {spec.kind} model"
+        if not caps.autodiff and model.step_vjp is None:
+            return f"{self.name} has no autodiff and the {spec.kind} model no analytic step_vjp"
+        if not caps.feature_maps and getattr(model, "uses_feature_maps", False):
+            return f"{self.name} has no convolutions or pooling, which the {spec.kind} model needs"
         if spec.flavor not in caps.flavors:
             return f"{self.name} does not implement the {spec.flavor} flavour"
         if dtype not in caps.dtypes:
@@ -168,11 +176,14 @@ class Backend(ABC):
     def ops(self) -> Ops:
         """Loop combinators and the array namespace (:class:`epbench.ops.EagerOps` for Python loops)."""
 
-    @abstractmethod
     def dynamics(self, spec: ModelSpec, params: Params, x, alternate: bool = False) -> Dynamics:
-        """The :class:`Dynamics` of ``spec`` on the native batch ``x`` (called inside a program).
-        ``alternate``: ``step`` is the double step of ``PhaseSettings.alternate`` (only with
-        ``capabilities.alternate``)."""
+        """The :class:`Dynamics` of ``spec`` on the native batch ``x`` (called inside a program):
+        the registered model's, run with :attr:`ops` (:class:`epbench.models.dynamics.ModelDynamics`).
+        ``alternate``: ``step`` is the double step of ``PhaseSettings.alternate``. A backend
+        overrides it only to substitute a faster fused implementation of some model's phases."""
+        from epbench.models.dynamics import ModelDynamics
+
+        return ModelDynamics(self.ops, spec.model, spec, params, x, alternate)
 
     def run(self, key: tuple, build: Callable[[], Callable], *args) -> tuple[Any, dict[str, float]]:
         """Run the program ``build()`` on native ``args``; returns ``(outputs, {"compile_s", "run_s"})``.

@@ -1,4 +1,4 @@
-"""The built-in plugin: registers epbench's own datasets and algorithms (cheap to import)."""
+"""The built-in plugin: registers epbench's own datasets, algorithms and models (cheap to import)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from epbench.algorithms.bptt import BPTT
 from epbench.algorithms.ep import EP
 from epbench.datasets.mnist import FashionMnist, Mnist
 from epbench.datasets.mnist5k import Mnist5k
+from epbench.models.conv import PConv
+from epbench.models.dense import EB, P, Toy
 
 
 @hookimpl
@@ -17,3 +19,8 @@ def epbench_datasets():
 @hookimpl
 def epbench_algorithms():
     return [EP(), BPTT()]
+
+
+@hookimpl
+def epbench_models():
+    return [Toy(), EB(), P(), PConv()]

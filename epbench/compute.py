@@ -63,8 +63,6 @@ def steps(spec: ModelSpec, phase: PhaseSettings) -> Steps:
 
 def _check(backend: Backend, spec: ModelSpec, phase: PhaseSettings, gdu: bool = False) -> None:
     check_alternation(spec, phase, gdu=gdu)
-    if phase.alternate and not backend.capabilities.alternate:
-        raise ValueError(f"{backend.name} does not implement PhaseSettings.alternate")
 
 
 def _batch(backend: Backend, spec: ModelSpec, x, dtype: str):

@@ -14,23 +14,8 @@ from epbench.spec import ModelSpec, PhaseSettings
 
 def _connections(spec: ModelSpec) -> tuple[float, float, float, float]:
     """(input-drive FLOPs, FLOPs of one step, FLOPs of one ∂Φ/∂θ evaluation, the part of it
-    for the input-side weights), per sample."""
-    if spec.kind == "pconv":
-        c1, c2 = spec.channels
-        k = spec.kernel
-        conv1_side, _, conv2_side, pool2 = spec.pconv_sides()
-        conv1 = 2 * c1 * 1 * k * k * conv1_side ** 2
-        conv2 = 2 * c2 * c1 * k * k * conv2_side ** 2
-        fc = 2 * spec.n_out * c2 * pool2 ** 2
-        step = 2 * conv2 + 2 * fc  # Conv(s2, W12) and its transpose; W01 and W01ᵀ
-        dphi = conv2 + fc + conv1  # one correlation per weight
-        return conv1, step, dphi, conv1
-    shapes = spec.param_shapes
-    drive = sum(2 * shapes[w][0] * shapes[w][1] for w in spec.weight_names() if w.endswith("x"))
-    recurrent = sum(2 * shapes[w][0] * shapes[w][1] for w in spec.weight_names() if not w.endswith("x"))
-    step = 2 * recurrent
-    dphi = drive + recurrent
-    return drive, step, dphi, drive
+    for the input-side weights), per sample: the model's own count (``Model.flops``)."""
+    return spec.model.flops(spec)
 
 
 def step_flops(spec: ModelSpec, batch: int) -> float:

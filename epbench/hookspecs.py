@@ -34,3 +34,9 @@ def epbench_datasets() -> list:
 def epbench_algorithms() -> list:
     """Return a list of :class:`epbench.algorithms.Algorithm` instances to register by their
     ``name`` (the built-ins ``ep`` and ``bptt`` are registered this way too)."""
+
+
+@hookspec
+def epbench_models() -> list:
+    """Return a list of :class:`epbench.models.Model` instances to register by their ``kind``
+    (the built-ins ``toy``, ``eb``, ``p`` and ``pconv`` are registered this way too)."""

@@ -40,11 +40,132 @@ def tree_leaves(tree) -> list:
     return [tree]
 
 
+def tree_unflatten(template, leaves):
+    """A tree shaped like ``template`` with its leaves replaced, in order, by ``leaves``."""
+    it = iter(leaves)
+    return tree_map(lambda _: next(it), template)
+
+
 class Ops:
-    """What the core needs besides array arithmetic. Subclasses override the loops."""
+    """What the core needs besides array arithmetic: loop combinators, the backend's autodiff,
+    products, and the operations on feature maps that the Array API standard lacks. Subclasses
+    override the loops (compiling backends) and supply ``vjp`` and the feature-map operations."""
 
     #: the array namespace (``array_api_compat.array_namespace`` of the backend's arrays)
     xp: Any = None
+    #: ``vjp(f, *primals, has_aux=False) -> (out, pullback[, aux])`` as ``jax.vjp``, with
+    #: ``pullback(cotangent) -> tuple`` (one cotangent per primal); ``None``: no autodiff (models
+    #: then need an analytic ``step_vjp``)
+    vjp: Any = None
+    #: the Prop. 4 sweep runs eq. 32 alone and maps eq. 33 over t (``algorithms.bptt.prop4``)
+    prefers_split_sweep: bool = False
+    #: ``map(..., batched=True)`` is vectorised (``vmap``), not a loop
+    vectorizes_maps: bool = False
+
+    def pullback_stacked(self, pullback, cotangents):
+        """``pullback`` (from :attr:`vjp`) applied to each cotangent of a stack (leading axis),
+        results stacked."""
+        return self.map(pullback, cotangents, batched=True)
+
+    def unroll(self, spec, free: bool) -> int:
+        """Steps per loop iteration of a phase (compiling backends: fewer loop round trips)."""
+        return 1
+
+    # ----- activations (docs/equations.md; ``epbench.models.activations`` by default) ---------
+    def clip01(self, v):
+        """clip(v, 0, 1), derivative 1 on 0 ≤ v ≤ 1 inclusive (the clamp; hard_sigmoid)."""
+        from epbench.models import activations
+
+        return activations.clip01(self.xp, v)
+
+    def rho(self, name: str, v):
+        from epbench.models import activations
+
+        return self.clip01(v) if name == "hard_sigmoid" else activations.rho(self.xp, name, v)
+
+    def rho_rho_prime(self, name: str, v):
+        """(ρ(v), ρ'(v))."""
+        from epbench.models import activations
+
+        if name == "hard_sigmoid":
+            return self.clip01(v), activations.rho_prime(self.xp, name, v)
+        return activations.rho_rho_prime(self.xp, name, v)
+
+    def rho_prime(self, name: str, v):
+        from epbench.models import activations
+
+        return activations.rho_prime(self.xp, name, v)
+
+    def rho_second(self, name: str, v):
+        from epbench.models import activations
+
+        return activations.rho_second(self.xp, name, v)
+
+    # ----- products ------------------------------------------------------------------------
+    def matmul(self, a, b):
+        return a @ b
+
+    def linear(self, x, w, b=None):
+        """x Wᵀ (+ b, a bias vector or an array of the result's shape)."""
+        out = self.matmul(x, w.T)
+        return out if b is None else b + out
+
+    def matmul_add(self, c, a, b):
+        """c + a @ b."""
+        return c + self.matmul(a, b)
+
+    def add_scaled(self, s, d, h: float):
+        """s + h·d (one step of size h)."""
+        return s + h * d
+
+    # ----- feature maps (canonical layout (B, C, H, W) unless a backend chooses another) -------
+    def maps_from_canonical(self, a):
+        """Feature maps ``(..., C, H, W)`` to the backend's layout."""
+        return a
+
+    def maps_to_canonical(self, z):
+        """Feature maps (any leading axes) back to ``(..., C, H, W)``."""
+        return z
+
+    def map_shape(self, chw: tuple[int, int, int]) -> tuple[int, ...]:
+        """Per-sample shape of a ``(C, H, W)`` map in the backend's layout."""
+        return tuple(chw)
+
+    def flatten_maps(self, z):
+        """``(B, C·H·W)`` in the canonical (C, H, W) order."""
+        return self.xp.reshape(self.maps_to_canonical(z), (z.shape[0], -1))
+
+    def unflatten_maps(self, v, chw: tuple[int, int, int]):
+        return self.maps_from_canonical(self.xp.reshape(v, (v.shape[0], *chw)))
+
+    def channel_sum(self, z):
+        """Σ over batch and space: ``(C,)``."""
+        return self.xp.sum(self.maps_to_canonical(z), axis=(0, 2, 3))
+
+    def conv_kernel(self, w):
+        """An OIHW kernel in the form ``conv2d``/``conv_transpose2d`` take (computed once per batch)."""
+        return w
+
+    def conv2d(self, z, kernel, b=None):
+        """Valid stride-1 cross-correlation Conv(z, W)[b,o,m,n] = Σ_{c,r,q} W[o,c,r,q] z[b,c,m+r,n+q] (+ b_o)."""
+        raise NotImplementedError("this backend has no convolutions")
+
+    def conv_transpose2d(self, z, kernel):
+        """The adjoint of z ↦ Conv(z, W)."""
+        raise NotImplementedError("this backend has no convolutions")
+
+    def conv2d_weight(self, z, g, w_shape):
+        """The adjoint of W ↦ Conv(z, W) applied to g (batch-summed), OIHW."""
+        raise NotImplementedError("this backend has no convolutions")
+
+    def max_pool(self, z, p: int):
+        """Max-pooling, window = stride = p: (values, argmax positions); the first maximum wins
+        ties; differentiable in z (the gradient goes to the argmax, i.e. ``max_unpool``)."""
+        raise NotImplementedError("this backend has no pooling")
+
+    def max_unpool(self, v, idx, p: int, side: int):
+        """Each value back at its argmax position on a ``side × side`` map, zeros elsewhere."""
+        raise NotImplementedError("this backend has no pooling")
 
     def tree_map(self, f: Callable, tree, *rest):
         return tree_map(f, tree, *rest)

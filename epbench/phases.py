@@ -64,9 +64,9 @@ def convergence(ops, s_T, s_prev):
 
 
 def wrong(ops, s, labels):
-    """Number of samples whose argmax(s0) is not the label (0-d integer array)."""
+    """Number of samples whose argmax(s0) is not the label (0-d int32 array)."""
     xp = ops.xp
-    return xp.sum(xp.astype(xp.argmax(s[0], axis=1) != labels, xp.int32))
+    return xp.sum(xp.astype(xp.argmax(s[0], axis=1) != labels, xp.int32), dtype=xp.int32)
 
 
 def all_finite(ops, arrays):

@@ -1,5 +1,5 @@
-"""Plugin manager: loads the ``epbench`` entry points and builds the backend, dataset and
-algorithm registries from the hooks.
+"""Plugin manager: loads the ``epbench`` entry points and builds the backend, dataset,
+algorithm and model registries from the hooks.
 
 * a broken third-party entry point warns and is skipped (``strict=True``, or
   ``EPBENCH_STRICT_PLUGINS=1``, makes it an error);
@@ -51,11 +51,17 @@ class Registry:
     backends: dict
     datasets: dict
     algorithms: dict
+    models: dict
 
     def backend(self, name: str):
         if name not in self.backends:
             raise EpbenchError(unknown_name_message("backend", name, self.backends))
         return self.backends[name]
+
+    def model(self, kind: str):
+        if kind not in self.models:
+            raise ValueError(unknown_name_message("model kind", kind, self.models))
+        return self.models[kind]
 
     def algorithm(self, name: str):
         if name not in self.algorithms:
@@ -132,10 +138,12 @@ def build_registry(strict: bool | None = None) -> Registry:
     backends = _collect(pm, "epbench_backends", infos, strict)
     datasets = _collect(pm, "epbench_datasets", infos, strict)
     algorithms = _collect(pm, "epbench_algorithms", infos, strict)
-    return Registry(pm, infos, backends, datasets, algorithms)
+    models = _collect(pm, "epbench_models", infos, strict, key="kind")
+    return Registry(pm, infos, backends, datasets, algorithms, models)
 
 
-def _collect(pm: pluggy.PluginManager, hook_name: str, infos: list[PluginInfo], strict: bool) -> dict:
+def _collect(pm: pluggy.PluginManager, hook_name: str, infos: list[PluginInfo], strict: bool,
+             key: str = "name") -> dict:
     """Call ``hook_name`` through pluggy once per implementing plugin (``subset_hook_caller``
     leaving out every other plugin), so that the hook-call monitoring sees every call, one
     failing plugin is isolated, and every registered item is attributed to the plugin that
@@ -159,7 +167,7 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, infos: list[PluginInfo], 
                 info.error = message
             continue
         for item in items:
-            name = getattr(item, "name", "")
+            name = getattr(item, key, "")
             if not name or name in found:
                 message = f"plugin '{plugin_name}' registers {'a duplicate' if name else 'an unnamed'} entry '{name}'"
                 if strict:
@@ -188,6 +196,15 @@ def get_dataset(name: str):
 
 def get_algorithm(name: str):
     return registry().algorithm(name)
+
+
+def get_model(kind: str):
+    return registry().model(kind)
+
+
+def models() -> dict:
+    """Every registered model by kind."""
+    return registry().models
 
 
 def algorithms() -> dict:

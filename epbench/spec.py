@@ -24,11 +24,11 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ModelKind = Literal["toy", "eb", "p", "pconv"]
 Activation = Literal["sigmoid", "hard_sigmoid", "tanh"]
 Flavor = Literal["paper", "official-code"]
 DType = Literal["float32", "float64"]
-Algorithm = Literal["ep", "bptt"]
+#: a registered algorithm's name (``epbench plugins`` lists them; suites check it on loading)
+Algorithm = str
 
 #: Table 3 / Table 4 MNIST geometry
 MNIST_SIDE = 28
@@ -36,21 +36,40 @@ MNIST_PIXELS = MNIST_SIDE * MNIST_SIDE
 N_CLASSES = 10
 
 
+def weight_name(i: int, j: int | str) -> str:
+    """Canonical name of the weight connecting layer j (or the input, ``"x"``) to layer i:
+    ``W{i}{j}`` while both indices are single characters (``W01``, ``W1x``), ``W{i}_{j}`` beyond
+    (``W10_11``), so that depth is not capped."""
+    a, b = str(i), str(j)
+    return f"W{a}{b}" if len(a) == 1 and len(b) == 1 else f"W{a}_{b}"
+
+
+def layer_of_name(name: str) -> int:
+    """The first layer index of a canonical parameter name (``W{i}{j}``, ``W{i}_{j}``, ``b{i}``)."""
+    body = name[1:]
+    if name.startswith("b"):
+        return int(body)
+    return int(body.split("_")[0]) if "_" in body else int(body[0])
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class ModelSpec(_Strict):
-    """One model of the paper, with every departure of the official code as a switch.
+    """One model: its kind (a registered :class:`epbench.models.Model`, built-in ``toy``,
+    ``eb``, ``p``, ``pconv``, or a plugin's), its sizes, activation, time step and flavour; every
+    departure of the official code is a switch.
 
     ``flavor='paper'`` follows the appendix; ``flavor='official-code'`` follows the official
     code (docs/equations.md, "Departures of the official-code flavour"): no σ'(s0) on the EB
     output layer, biases on every layer, PyTorch's default initialisation, a BPTT span of K+1
-    steps for fully connected models, a default P leak dt = 0.2 and, in pconv's ∂Φ/∂θ, max-pool indices
-    taken one step late (:attr:`late_pool_indices`).
+    steps for fully connected models, a default P leak dt = 0.2 and, in pconv's ∂Φ/∂θ, max-pool
+    indices taken one step late (:attr:`late_pool_indices`). Structure (states, parameters,
+    spans) comes from the model (:attr:`model`).
     """
 
-    kind: ModelKind
+    kind: str
     hidden: tuple[int, ...] = Field(default=(512,), description="hidden layer sizes, output side first")
     n_in: int = MNIST_PIXELS
     n_out: int = N_CLASSES
@@ -72,33 +91,27 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
-        if self.kind in ("eb", "p") and not 1 <= len(self.hidden) <= 9:
-            raise ValueError("fully connected models need 1 to 9 hidden layers")
-        if self.kind == "toy" and len(self.hidden) != 1:
-            raise ValueError("the toy model has exactly one hidden layer")
-        if self.kind == "pconv" and len(self.channels) != 2:
-            raise ValueError("pconv has exactly two convolutional layers")
         if self.dt is not None and not (0.0 < self.dt <= 1.0):
             raise ValueError("dt (eps) must lie in (0, 1]")
-        if self.kind == "pconv" and self.pconv_sides()[-1] <= 0:
-            raise ValueError("input too small for the convolutions")
+        self.model.validate(self)
         return self
 
-    # ----- derived quantities -------------------------------------------------------------
+    # ----- the model ----------------------------------------------------------------------------
+    @property
+    def model(self):
+        """The registered :class:`epbench.models.Model` of :attr:`kind`."""
+        from epbench.plugins import get_model
+
+        return get_model(self.kind)
+
     @property
     def energy_based(self) -> bool:
-        return self.kind in ("toy", "eb")
+        return self.model.energy_based
 
     @property
     def step(self) -> float:
-        """The time step dt (ε for EB and toy; leak of P models)."""
-        if self.dt is not None:
-            return self.dt
-        if self.energy_based:
-            return 0.08 if self.kind == "toy" else 0.2
-        if self.kind == "p" and self.flavor == "official-code":
-            return 0.2
-        return 1.0
+        """The time step dt (ε for EB and toy; leak of P models), the model's default if unset."""
+        return self.dt if self.dt is not None else self.model.default_dt(self)
 
     @property
     def biases(self) -> bool:
@@ -107,8 +120,9 @@ class ModelSpec(_Strict):
 
     @property
     def output_sigma_prime(self) -> bool:
-        """σ'(s0) on the EB output layer: paper only; the toy model has it in both."""
-        return self.flavor == "paper" or self.kind == "toy"
+        """σ'(s0) on the output layer of an energy-based model: the paper's; the official code's
+        EB has none (the toy model has it in both flavours)."""
+        return getattr(self.model, "output_sigma_prime", lambda spec: True)(self)
 
     @property
     def sigma_on_input(self) -> bool:
@@ -119,102 +133,59 @@ class ModelSpec(_Strict):
 
     @property
     def late_pool_indices(self) -> bool:
-        """pconv's ∂Φ/∂θ pools with the argmax positions of the *previous* state (official code
-        only; docs/equations.md): a state s_{t+1} reached by one step from s_t is unpooled at the
+        """∂Φ/∂θ pools with the argmax positions of the *previous* state (official-code pconv;
+        docs/equations.md): a state s_{t+1} reached by one step from s_t is unpooled at the
         positions computed from s_t (the official step returns them together with s_{t+1}), so
         s* = s_T with those of s_{T−1} and s^β_{t+1} with those of s^β_t. The paper (Lemma 5)
-        takes them at the state itself. Only ∂Φ/∂W12 depends on it (idx2 is fixed by x)."""
-        return self.kind == "pconv" and self.flavor == "official-code"
+        takes them at the state itself."""
+        return getattr(self.model, "late_pool_indices", lambda spec: False)(self)
 
     def bptt_span(self, K: int) -> int:
         """Number of steps BPTT back-propagates through in training."""
-        if self.flavor == "official-code" and self.kind in ("eb", "p"):
-            return K + 1
-        return K
+        return getattr(self.model, "bptt_span", lambda spec, K: K)(self, K)
 
     def ep_scale(self, beta: float) -> float:
         """Divisor of the EP differences: the nudge the output actually receives per unit of
-        ∂ℓ/∂s. EB/toy nudge by ε·β (eq. 71), P by β (appendix C.4)."""
+        ∂ℓ/∂s. Energy-based models nudge by dt·β (eq. 71), prototypical ones by β (appendix C.4)."""
         return self.step * beta if self.energy_based else beta
 
     def pconv_sides(self) -> tuple[int, int, int, int]:
         """pconv: (conv1 output side, pool1 side, conv2 output side, pool2 side)."""
-        side = int(math.isqrt(self.n_in))
-        c1 = side - self.kernel + 1
-        p1 = c1 // self.pool
-        c2 = p1 - self.kernel + 1
-        p2 = c2 // self.pool
-        return c1, p1, c2, p2
+        return self.model.sides(self)
 
     @property
     def n_layers(self) -> int:
         """Number of state layers s0..sL."""
-        if self.kind == "toy":
-            return 2
-        if self.kind == "pconv":
-            return 3
-        return 1 + len(self.hidden)
+        return len(self.state_shapes)
 
     @property
     def state_shapes(self) -> list[tuple[int, ...]]:
         """Per-sample shape of each state layer s0..sL."""
-        if self.kind == "pconv":
-            _, p1, _, p2 = self.pconv_sides()
-            c_in_side, c_out_side = self.channels
-            return [(self.n_out,), (c_out_side, p2, p2), (c_in_side, p1, p1)]
-        return [(self.n_out,)] + [(h,) for h in self.hidden]
+        return self.model.state_shapes(self)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        if self.kind == "pconv":
-            side = int(math.isqrt(self.n_in))
-            return (1, side, side)
-        return (self.n_in,)
+        return tuple(self.model.input_shape(self))
 
     def weight_names(self) -> list[str]:
         """Weight names, output side first."""
-        if self.kind == "toy":
-            return ["W01", "W0x", "W1x"]
-        L = self.n_layers - 1
-        return [f"W{i}{i + 1}" for i in range(L)] + [f"W{L}x"]
+        return [k for k in self.param_shapes if k.startswith("W")]
 
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Canonical parameter names and shapes, weights (output side first) then biases."""
-        shapes: dict[str, tuple[int, ...]] = {}
-        if self.kind == "toy":
-            n0, n1, nx = self.n_out, self.hidden[0], self.n_in
-            shapes = {"W01": (n0, n1), "W0x": (n0, nx), "W1x": (n1, nx)}
-        elif self.kind == "pconv":
-            c1, c2 = self.channels
-            k = self.kernel
-            _, _, _, p2 = self.pconv_sides()
-            shapes = {"W01": (self.n_out, c2 * p2 * p2), "W12": (c2, c1, k, k), "W2x": (c1, 1, k, k)}
-        else:
-            sizes = [self.n_out, *self.hidden, self.n_in]
-            for i, name in enumerate(self.weight_names()):
-                shapes[name] = (sizes[i], sizes[i + 1])
-        if self.biases:
-            for i, shape in enumerate(self.state_shapes):
-                shapes[f"b{i}"] = (shape[0],)
-        return shapes
+        return self.model.param_shapes(self)
 
     def param_layer(self, name: str) -> int:
         """Index of the layer that a parameter drives (its learning rate's layer)."""
-        if name.startswith("b"):
-            return int(name[1:])
-        return int(name[1])
+        return self.model.param_layer(self, name)
 
     @property
     def state_names(self) -> list[str]:
         return [f"s{i}" for i in range(self.n_layers)]
 
     def describe(self) -> str:
-        if self.kind == "pconv":
-            arch = "conv " + "-".join(str(c) for c in self.channels)
-        else:
-            arch = "-".join(str(n) for n in (self.n_in, *reversed(self.hidden), self.n_out))
-        return f"{self.kind} {arch} {self.activation} dt={self.step:g} {self.flavor}"
+        return self.model.describe(self)
 
 
 class PhaseSettings(_Strict):
@@ -282,8 +253,8 @@ def alternation_problem(spec: ModelSpec, phase: PhaseSettings) -> str | None:
         return None
     if odd := _odd_steps(phase):
         return odd
-    if spec.kind != "p":
-        return f"alternate applies to fully connected P models only, not {spec.kind}"
+    if not spec.model.supports_alternate(spec):
+        return f"alternate applies to layered prototypical models (p), not {spec.kind}"
     if spec.step != 1.0:
         return f"alternate needs dt = 1 (no leak), got dt = {spec.step:g}"
     span = spec.bptt_span(phase.K)

@@ -74,6 +74,7 @@ class TorchBackend(Backend):
             raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
         self.device_kind = device
         self.name = f"torch-{device}"
+        self._ops = None
 
     def __repr__(self) -> str:
         return f"TorchBackend({self.device_kind!r})"
@@ -161,16 +162,11 @@ class TorchBackend(Backend):
 
     @property
     def ops(self):
-        import array_api_compat.torch as xp
+        if self._ops is None:
+            from epbench_torch.ops import TorchOps
 
-        from epbench.ops import EagerOps
-
-        return EagerOps(xp)
-
-    def dynamics(self, spec: ModelSpec, params: dict, x, alternate: bool = False):
-        from epbench_torch.dynamics import TorchDynamics
-
-        return TorchDynamics(spec, params, x, alternate)
+            self._ops = TorchOps()
+        return self._ops
 
     def run(self, key: tuple, build, *args):
         """The program run eagerly without autograd (one step's VJP enables it locally)."""
