@@ -9,10 +9,11 @@ import pytest
 from epbench import compute
 from epbench.plugins import registry
 from epbench.spec import ModelSpec, PhaseSettings
+from conftest import selected_backends
 
 pytest.importorskip("epbench_rbp")
 
-BACKENDS = [name for name in ("torch-cpu", "jax-cpu", "numpy") if name in registry().backends
+BACKENDS = [name for name in selected_backends(["torch-cpu", "jax-cpu", "numpy"]) if name in registry().backends
             and registry().backends[name].availability(probe=True).ok]
 
 

@@ -67,7 +67,7 @@ class TorchBackend(Backend):
     """EP and BPTT on PyTorch, on the CPU (``torch-cpu``) or one CUDA device (``torch-cuda``)."""
 
     framework = "torch"
-    capabilities = Capabilities(alternate=True)
+    capabilities = Capabilities()
 
     def __init__(self, device: str = "cpu"):
         if device not in ("cpu", "cuda"):

@@ -221,22 +221,15 @@ class Dense(Model):
                 out[f"b{i}"] = xp.sum(d[i], axis=0) * c
         return out
 
-    def step_vjp(self, ops, spec, params, inputs, ctx, s, a, layers=None):
-        """Transposed Jacobian of one free step at s applied to ``a = ∂L/∂s'`` (eqs 32-33 for one
-        t): ``(∂L/∂s, ∂L/∂θ)``. With c_i = ∂L/∂pre_i (EB: dt·a_i ⊙ g_i; P: dt·a_i ⊙ ρ'(pre_i)),
-        EB: ∂L/∂s_i = (1−dt) a_i + dt·a_i ⊙ g_i' ⊙ pre_i + ρ'(s_i) ⊙ (c_{i−1} W_{i−1,i} + c_{i+1} W_{i,i+1}ᵀ);
-        P:  ∂L/∂s_i = (1−dt) a_i + c_{i−1} W_{i−1,i} + c_{i+1} W_{i,i+1}ᵀ;
-        ∂L/∂W_{i,i+1} = c_iᵀ r_{i+1} + r_iᵀ c_{i+1}, ∂L/∂W_{i,x} = c_iᵀ u, ∂L/∂b_i = Σ_batch c_i.
-        With the clamp, a is first zeroed where the unclamped step left [0, 1]. ``layers``: the
-        step updated only those (alternation); the others pass a_i through (c_i = 0)."""
+    def pre_cotangents(self, ops, spec, inputs, ctx, s, a, layers=None):
+        """What a VJP of one step at s needs: ``(r, g, pre, a, c)`` with r = ρ(s) (or s), g = ρ'(s),
+        the pre-activations, the cotangent ``a = ∂L/∂s'`` zeroed where the clamp cut the step, and
+        c_i = ∂L/∂pre_i (EB: dt·a_i ⊙ g_i; P: dt·a_i ⊙ ρ'(pre_i); 0 for layers not in ``layers``)."""
         xp = ops.xp
         pl = self.plan(spec)
-        act, h = pl.act, pl.h
-        L = len(s) - 1
-        moved = range(L + 1) if layers is None else layers
-        names = self.lateral_names(spec)
+        moved = range(len(s)) if layers is None else layers
         r, g = self._signals(ops, pl, s)
-        pre = [self._pre(ops, pl, inputs, r, i) if i in moved else None for i in range(L + 1)]
+        pre = [self._pre(ops, pl, inputs, r, i) if i in moved else None for i in range(len(s))]
         a = list(a)
         if pl.clamp:
             z = self.step(ops, spec.model_copy(update={"clamp": False}), inputs, ctx, s, layers=layers)
@@ -247,9 +240,25 @@ class Dense(Model):
             if i not in moved:
                 c.append(xp.zeros_like(ai))
             elif self.energy_based:
-                c.append(h * ai if g[i] is None else h * ai * g[i])
+                c.append(pl.h * ai if g[i] is None else pl.h * ai * g[i])
             else:
-                c.append(h * ai * ops.rho_prime(act, pre[i]))
+                c.append(pl.h * ai * ops.rho_prime(pl.act, pre[i]))
+        return r, g, pre, a, c
+
+    def step_vjp(self, ops, spec, params, inputs, ctx, s, a, layers=None):
+        """Transposed Jacobian of one free step at s applied to ``a = ∂L/∂s'`` (eqs 32-33 for one
+        t): ``(∂L/∂s, ∂L/∂θ)``. With c_i = ∂L/∂pre_i (:meth:`pre_cotangents`),
+        EB: ∂L/∂s_i = (1−dt) a_i + dt·a_i ⊙ g_i' ⊙ pre_i + ρ'(s_i) ⊙ (c_{i−1} W_{i−1,i} + c_{i+1} W_{i,i+1}ᵀ);
+        P:  ∂L/∂s_i = (1−dt) a_i + c_{i−1} W_{i−1,i} + c_{i+1} W_{i,i+1}ᵀ;
+        ∂L/∂W_{i,i+1} = c_iᵀ r_{i+1} + r_iᵀ c_{i+1}, ∂L/∂W_{i,x} = c_iᵀ u, ∂L/∂b_i = Σ_batch c_i.
+        ``layers``: the step updated only those (alternation); the others pass a_i through."""
+        xp = ops.xp
+        pl = self.plan(spec)
+        act, h = pl.act, pl.h
+        L = len(s) - 1
+        moved = range(L + 1) if layers is None else layers
+        names = self.lateral_names(spec)
+        r, g, pre, a, c = self.pre_cotangents(ops, spec, inputs, ctx, s, a, layers)
         grads = []
         for i in range(L + 1):
             back = xp.zeros_like(s[i])
