@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from epbench import compute, training
 from epbench import flops as flopcount
 from epbench import hardware
 from epbench.presets import table4
@@ -170,8 +171,8 @@ def best_time(work: Callable[[], object], backend, repeats: int = 3,
 
 def time_per_batch(backend, model: str, algorithm: str, batches: int = 10, dtype: str = "float32",
                    batch_size: int = 20, repeats: int = 3, alternate: bool = False) -> Timing:
-    """Seconds per mini-batch of one training step (``ep``/``bptt``) or one GDU computation
-    (``gdu``), timed by :func:`best_time` over ``batches`` mini-batches on the same data (the
+    """Seconds per mini-batch of one training step (a registered algorithm: ``ep``, ``bptt``, ...)
+    or one GDU computation of EP's and BPTT's processes (``gdu``), timed by :func:`best_time` over ``batches`` mini-batches on the same data (the
     first call, of all ``batches``, whole)."""
     spec, phase, train = settings(model, dtype, alternate)
     train = train.model_copy(update={"batch_size": batch_size, "lrs": tuple(0.0 for _ in train.lrs)})
@@ -182,12 +183,12 @@ def time_per_batch(backend, model: str, algorithm: str, batches: int = 10, dtype
 
         def work():
             for _ in range(batches):
-                backend.gdu(spec, params, x, y, phase)
+                compute.gdu(backend, spec, params, x, y, phase, algorithms=("ep",))
     else:
         x, labels = _random_data(spec, batch_size * batches)
 
         def work():
-            backend.train_epoch(spec, params, x, labels, phase, train, algorithm)
+            training.train_epochs(backend, spec, [params], [x], [labels], phase, train, algorithm)
     return best_time(work, backend, repeats).per(batches)
 
 
@@ -201,16 +202,21 @@ def time_per_step(backend, model: str, batch_size: int, steps: int = 400, repeat
     x, _ = _random_data(spec, batch_size)
 
     def phase_of(T: int) -> float:
-        return best_time(lambda: backend.first_phase(spec, params, x, T), backend, repeats).best_s
+        return best_time(lambda: compute.first_phase(backend, spec, params, x, T), backend, repeats).best_s
 
     return max(phase_of(1 + steps) - phase_of(1), 0.0) / steps
 
 
+#: the analytic FLOP counts of :mod:`epbench.flops`, by what is timed
+FLOP_COUNTERS: dict[str, Callable] = {"ep": flopcount.ep_train_flops, "bptt": flopcount.bptt_train_flops,
+                                      "gdu": flopcount.gdu_flops}
+
+
 def useful_flops(model: str, algorithm: str, batch_size: int = 20, alternate: bool = False) -> float:
+    """Useful FLOPs of one batch (:mod:`epbench.flops`); NaN for an algorithm it does not count."""
     spec, phase, _ = settings(model, alternate=alternate)
-    counter: Callable = {"ep": flopcount.ep_train_flops, "bptt": flopcount.bptt_train_flops,
-                         "gdu": flopcount.gdu_flops}[algorithm]
-    return counter(spec, phase, batch_size)
+    counter = FLOP_COUNTERS.get(algorithm)
+    return counter(spec, phase, batch_size) if counter else float("nan")
 
 
 def _rows(backend, model: str, spec, phase, algorithm: str, batch: int, peak: float, gflops: float,
@@ -239,8 +245,6 @@ def bench_rows(backend, models=BENCH_MODELS, algorithms=("ep", "bptt", "gdu"), b
     for model in models:
         spec, phase, _ = settings(model, alternate=alternate)
         reason = backend.supports(spec, "float32") or alternation_problem(spec, phase)
-        if not reason and alternate and not backend.capabilities.alternate:
-            reason = f"{backend.name} does not implement phase.alternate"
         if reason:
             progress(f"{backend.name} {model}: skipped ({reason})")
             continue

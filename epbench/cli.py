@@ -232,16 +232,29 @@ def _plain(*texts: str) -> list[str]:
 
 @cli.command()
 def plugins():
-    """List the loaded plugins: distribution, version, hooks and what each registers."""
+    """List the loaded plugins: distribution, version, hooks and what each registers (backends,
+    datasets, algorithms), then every registered algorithm."""
     from rich.console import Console
     from rich.table import Table
 
     reg = _registry()
     table = Table("entry point", "module", "distribution", "hooks", "registers", "status")
+    kinds = (("backend", reg.backends), ("dataset", reg.datasets), ("algorithm", reg.algorithms))
     for info in reg.plugins:
+        registers = "; ".join(f"{kind}s: {', '.join(names)}" for kind, names in
+                              ((kind, [n for n in info.registers if n in found]) for kind, found in kinds) if names)
         table.add_row(*_plain(info.entry_point, info.module, f"{info.distribution} {info.version}".strip(),
-                              ", ".join(info.hooks), ", ".join(info.registers), info.error or "ok"))
-    Console(width=160).print(table)
+                              ", ".join(info.hooks), registers, info.error or "ok"))
+    console = Console(width=160)
+    console.print(table)
+    plugin_of = {name: info.entry_point for info in reg.plugins for name in info.registers}
+    algos = Table("algorithm", "plugin", "agrees with BPTT", "GDU processes", "summary")
+    from epbench.suites import has_processes
+
+    for name, algorithm in reg.algorithms.items():
+        algos.add_row(*_plain(name, plugin_of.get(name, "?"), getattr(algorithm, "agrees_with_bptt", "") or "—",
+                              "yes" if has_processes(algorithm) else "no", getattr(algorithm, "summary", "")))
+    console.print(algos)
 
 
 @cli.command()
@@ -401,8 +414,9 @@ def compare(run_a, run_b, tolerance, metrics, reference, out_file):
 @cli.command()
 @click.option("--backend", "-b", "names", multiple=True, help="Backend (repeatable; default: every available one).")
 @click.option("--model", "-m", "models", multiple=True, help="Table 4 row (repeatable; default: p-1h eb-1h eb-2h p-3h p-conv).")
-@click.option("--algorithm", "-a", "algorithms", multiple=True, type=click.Choice(["ep", "bptt", "gdu"]),
-              help="What to time (repeatable; default: all three).")
+@click.option("--algorithm", "-a", "algorithms", multiple=True,
+              help="What to time: a registered algorithm's training step (`epbench plugins` lists them) or "
+                   "`gdu` (repeatable; default: ep, bptt and gdu).")
 @click.option("--batches", default=10, show_default=True, type=click.IntRange(min=1), help="Timed batches per measurement.")
 @click.option("--alternate", is_flag=True, help="Training steps under the even/odd alternation of the P models "
               "(phase.alternate); other models are skipped, GDU is not timed.")
@@ -422,6 +436,12 @@ def bench(names, models, algorithms, batches, alternate, per_step, out):
     if per_step and (alternate or algorithms):
         raise EpbenchError("--per-step times the first-phase step only: drop --alternate and --algorithm")
     reg = _registry()
+    for algorithm in algorithms:
+        if algorithm != "gdu" and algorithm not in reg.algorithms:
+            from epbench.plugins import unknown_name_message
+
+            raise EpbenchError("--algorithm: " + unknown_name_message("algorithm", algorithm,
+                                                                       [*reg.algorithms, "gdu"]))
     for model in models:
         if model not in TABLE4:
             from epbench.plugins import unknown_name_message

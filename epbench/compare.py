@@ -20,7 +20,7 @@ from epbench.results import read_meta, read_table
 
 #: metrics of the GDU comparison, in the order printed
 GDU_METRICS = ("relmse", "sign_agreement", "cosine")
-_GDU_KEYS = ["experiment", "flavor", "symmetric", "beta", "layer", "metric"]
+_GDU_KEYS = ["experiment", "algorithm", "flavor", "symmetric", "beta", "layer", "metric"]
 
 
 @dataclass
@@ -47,8 +47,9 @@ def _label(df: pd.DataFrame, meta: dict, run_dir) -> str:
 
 
 def gdu_means(df: pd.DataFrame) -> pd.DataFrame:
-    """Per experiment variant × layer × metric: the mean over trials of the EP-vs-BPTT metrics."""
-    rows = df[(df["task"] == "gdu") & (df["algorithm"] == "ep_vs_bptt") & df["metric"].isin(GDU_METRICS)]
+    """Per experiment variant × compared algorithm × layer × metric: the mean over trials of the
+    metrics comparing each algorithm's processes with BPTT's (``algorithm``: ``<name>_vs_bptt``)."""
+    rows = figs.comparison_rows(df[(df["task"] == "gdu") & df["metric"].isin(GDU_METRICS)])
     if rows.empty:
         return pd.DataFrame(columns=_GDU_KEYS + ["value"])
     return rows.groupby(_GDU_KEYS, sort=False, dropna=False)["value"].mean().reset_index()
@@ -69,7 +70,8 @@ def compare_gdu(a: pd.DataFrame, b: pd.DataFrame, ref: pd.DataFrame | None = Non
     both["_order"] = both["layer"].map(order)
     exp_order = {e: i for i, e in enumerate(dict.fromkeys(a["experiment"]))}
     both["_exp"] = both["experiment"].map(exp_order)
-    return both.sort_values(["_exp", "symmetric", "beta", "metric", "_order"]).drop(columns=["_order", "_exp"])
+    return both.sort_values(["_exp", "algorithm", "symmetric", "beta", "metric", "_order"],
+                            kind="stable").drop(columns=["_order", "_exp"])
 
 
 def _final_errors(df: pd.DataFrame) -> pd.DataFrame:
@@ -123,13 +125,13 @@ def render_markdown(c: RunComparison, tolerance: float | None = None, metrics=GD
            + (f"  \n**ref** = {c.reference}" if c.reference else "") + "\n"]
     with_ref = "value_ref" in c.gdu
     if len(c.gdu):
-        out.append("## GDU metrics (EP vs BPTT), mean over trials\n")
-        header = (["experiment", "β", "metric", "layer", "A", "B", "B − A"]
+        out.append("## GDU metrics (each algorithm's processes vs BPTT's), mean over trials\n")
+        header = (["experiment", "algorithm", "β", "metric", "layer", "A", "B", "B − A"]
                   + (["ref", "|A − ref|", "|B − ref|"] if with_ref else []) + (["within tol."] if tolerance else []))
         rows = []
         for _, r in c.gdu.iterrows():
             beta = f"±{r['beta']:g}" if r["symmetric"] else f"{r['beta']:g}"
-            row = [r["experiment"], beta, r["metric"], r["layer"], _g(r["value_a"], 4), _g(r["value_b"], 4),
+            row = [r["experiment"], r["algorithm"], beta, r["metric"], r["layer"], _g(r["value_a"], 4), _g(r["value_b"], 4),
                    f"{r['diff']:+.2g}"]
             if with_ref:
                 row += [_g(r["value_ref"], 4), f"{r['err_a']:.2g}", f"{r['err_b']:.2g}"]

@@ -25,13 +25,56 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from epbench.results import atomic_write_bytes
+from epbench.results import (REFERENCE, algorithm_label, algorithms_in, atomic_write_bytes, compared_algorithm,
+                             comparison_name)
 
-ALGO_LABEL = {"ep": "EP", "bptt": "BPTT"}
-ALGO_COLOR = {"ep": "tab:blue", "bptt": "tab:orange"}
-PROCESS_LABEL = {"ep": "ΔEP", "bptt": "−∇BPTT"}
-PROCESS_STYLE = {"ep": "-", "bptt": "--"}
-RELMSE_LABEL = "RelMSE(ΔEP, −∇BPTT) (ratio of RMS norms)"
+#: how the processes of the built-in algorithms are written (others: "<NAME>(t)")
+PROCESS_LABEL = {"ep": "ΔEP"}
+RELMSE_LABEL = "RelMSE(process, sign·∇BPTT) (ratio of RMS norms)"
+#: line styles of the compared algorithms' processes, in order; BPTT's is dashed
+PROCESS_STYLES = ("-", ":", "-.")
+
+
+def algo_color(algorithm: str, algorithms: list[str]) -> str:
+    """Matplotlib's default colour cycle by the algorithm's place in ``algorithms`` (EP, BPTT:
+    tab:blue, tab:orange)."""
+    i = list(algorithms).index(algorithm) if algorithm in algorithms else len(algorithms)
+    return f"C{i % 10}"
+
+
+def process_sign(algorithm: str) -> float | None:
+    """The sign with which a registered algorithm's processes estimate BPTT's (None if it is not
+    registered here)."""
+    try:
+        from epbench.plugins import algorithms
+
+        found = algorithms().get(algorithm)
+    except Exception:  # noqa: BLE001 - figures of a stored table never need the plugins
+        found = None
+    return None if found is None else float(getattr(found, "process_sign", 1.0))
+
+
+def process_label(algorithm: str, compared: list[str]) -> str:
+    """ΔEP for EP; for BPTT, ∇BPTT with the sign of the first compared algorithm (the runner
+    stores BPTT's samples so: −∇BPTT beside ΔEP); ``<NAME>`` otherwise."""
+    if algorithm == REFERENCE:
+        sign = process_sign(compared[0]) if compared else 1.0
+        return {None: "±∇BPTT", -1.0: "−∇BPTT"}.get(sign, "∇BPTT")
+    return PROCESS_LABEL.get(algorithm, algorithm_label(algorithm))
+
+
+def relmse_label(compared: list[str]) -> str:
+    """'RelMSE(ΔEP, −∇BPTT)' for one compared algorithm, a generic label for several."""
+    if len(compared) == 1:
+        return f"RelMSE({process_label(compared[0], compared)}, {process_label(REFERENCE, compared)})"
+    return "RelMSE(process, sign·∇BPTT)"
+
+
+def comparison_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The GDU rows comparing an algorithm's processes with BPTT's (``<name>_vs_bptt``)."""
+    if df.empty:
+        return df
+    return df[df["algorithm"].map(lambda a: compared_algorithm(a) is not None)]
 
 
 # ----- helpers ----------------------------------------------------------------------------------
@@ -159,16 +202,17 @@ def sort_layers(names) -> list[str]:
 # ----- training curves (Figs 17-22) -----------------------------------------------------------
 def training_curves(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False,
                     formats: tuple[str, ...] = FORMATS) -> Figure:
-    """Train and test error (%) per epoch, mean ± std over trials, EP beside BPTT.
+    """Train and test error (%) per epoch, mean ± std over trials, the algorithms side by side.
 
     One row per experiment (variant), columns train | test; each axes holds one line per
-    algorithm. A run of a single epoch has no curve to show: :func:`final_error_bars` instead.
+    algorithm (those of the table's ``algorithm`` column). A run of a single epoch has no curve to show: :func:`final_error_bars` instead.
     """
     df = df[df["metric"].isin(["train_error", "test_error"])]
     if df.empty or df["epoch"].nunique() <= 1:
         return final_error_bars(df, stem, close, formats)
     df = df.assign(panel=variant_labels(df))
     experiments = list(dict.fromkeys(df["panel"]))
+    algos = algorithms_in(df)
     rows = max(1, len(experiments))
     fig = _new_figure(10, 2.9 * rows + 0.4)
     axes = _subplots(fig, rows, 2, top=0.95, hgap=1.05)
@@ -177,7 +221,7 @@ def training_curves(df: pd.DataFrame, stem: str | os.PathLike, close: bool = Fal
         for c, metric in enumerate(("train_error", "test_error")):
             ax = axes[r][c]
             part = sub[sub["metric"] == metric]
-            for algo in ("ep", "bptt"):
+            for algo in algos:
                 rows_a = part[part["algorithm"] == algo]
                 if rows_a.empty:
                     continue
@@ -185,8 +229,9 @@ def training_curves(df: pd.DataFrame, stem: str | os.PathLike, close: bool = Fal
                 x = stats.index.to_numpy()
                 mean = stats["mean"].to_numpy()
                 std = stats["std"].fillna(0.0).to_numpy()
-                ax.plot(x, mean, color=ALGO_COLOR[algo], label=ALGO_LABEL[algo], marker="o", ms=3, gid="data")
-                ax.fill_between(x, mean - std, mean + std, color=ALGO_COLOR[algo], alpha=0.2, lw=0)
+                color = algo_color(algo, algos)
+                ax.plot(x, mean, color=color, label=algorithm_label(algo), marker="o", ms=3, gid="data")
+                ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
             what = "train" if metric == "train_error" else "test"
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -196,43 +241,47 @@ def training_curves(df: pd.DataFrame, stem: str | os.PathLike, close: bool = Fal
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=8)
-    fig.suptitle(f"Training on {_datasets(df)}: EP vs BPTT (cf. paper Figs 17-22)", fontsize=10)
+    fig.suptitle(f"Training on {_datasets(df)}: {' vs '.join(algorithm_label(a) for a in algos)} "
+                 "(cf. paper Figs 17-22)", fontsize=10)
     save_figure(fig, stem, close, formats)
     return fig
 
 
 def _trials_text(part: pd.DataFrame) -> str:
-    """'EP n=5, BPTT n=5': trials per algorithm."""
+    """'EP n=5, BPTT n=5': trials per algorithm, in the table's order."""
     n = part.groupby("algorithm")["trial"].nunique().to_dict() if not part.empty else {}
-    return ", ".join(f"{ALGO_LABEL.get(a, a)} n={k}" for a, k in sorted(n.items()))
+    order = algorithms_in(part)
+    return ", ".join(f"{algorithm_label(a)} n={n[a]}" for a in order if a in n)
 
 
 def final_error_bars(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False,
                      formats: tuple[str, ...] = FORMATS) -> Figure:
-    """Train | test error (%) at the last epoch: per experiment (variant) an EP bar beside a
-    BPTT bar, mean over trials with the std as error bar and the mean written above."""
+    """Train | test error (%) at the last epoch: per experiment (variant) one bar per algorithm
+    (EP beside BPTT), mean over trials with the std as error bar and the mean written above."""
     df = df[df["metric"].isin(["train_error", "test_error"])]
     if not df.empty:
         last = df.groupby(VARIANT, dropna=False)["epoch"].transform("max")
         df = df[df["epoch"] == last]
     df = df.assign(panel=variant_labels(df))
     experiments = list(dict.fromkeys(df["panel"]))
-    fig = _new_figure(min(16.0, max(10.0, 1.6 * len(experiments) + 2)), 4.2)
+    algos = algorithms_in(df)
+    width = 0.76 / max(1, len(algos))
+    fig = _new_figure(min(16.0, max(10.0, 0.8 * len(algos) * len(experiments) + 2)), 4.2)
     axes = _subplots(fig, 1, 2, top=0.85, bottom=0.7)[0]
     epochs = _fmt_set(_values(df, "epoch"))
     for ax, metric in zip(axes, ("train_error", "test_error")):
         part = df[df["metric"] == metric]
         stats = part.groupby(["panel", "algorithm"])["value"].agg(["mean", "std"])
-        for j, algo in enumerate(("ep", "bptt")):
+        for j, algo in enumerate(algos):
             xs, ys, es = [], [], []
             for g, exp in enumerate(experiments):
                 if (exp, algo) in stats.index:
-                    xs.append(g + (j - 0.5) * 0.38)
+                    xs.append(g + (j - (len(algos) - 1) / 2) * width)
                     ys.append(stats.loc[(exp, algo), "mean"])
                     es.append(np.nan_to_num(stats.loc[(exp, algo), "std"]))
             if xs:
-                bars = ax.bar(xs, ys, width=0.36, yerr=es, capsize=2, color=ALGO_COLOR[algo],
-                              label=ALGO_LABEL[algo], gid="data")
+                bars = ax.bar(xs, ys, width=width * 0.95, yerr=es, capsize=2, color=algo_color(algo, algos),
+                              label=algorithm_label(algo), gid="data")
                 ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
         what = "train" if metric == "train_error" else "test"
         ax.set_xticks(range(len(experiments)), experiments, fontsize=8,
@@ -244,7 +293,8 @@ def final_error_bars(df: pd.DataFrame, stem: str | os.PathLike, close: bool = Fa
         ax.margins(y=0.15)
         if ax.patches:
             ax.legend(fontsize=8)
-    fig.suptitle(f"Training on {_datasets(df)}: final errors, EP beside BPTT (cf. paper Table 1)", fontsize=10)
+    fig.suptitle(f"Training on {_datasets(df)}: final errors, {' beside '.join(algorithm_label(a) for a in algos)} "
+                 "(cf. paper Table 1)", fontsize=10)
     save_figure(fig, stem, close, formats)
     return fig
 
@@ -252,7 +302,8 @@ def final_error_bars(df: pd.DataFrame, stem: str | os.PathLike, close: bool = Fa
 # ----- GDU processes (Figs 2, 4, 8-13) -----------------------------------------------------------
 def gdu_processes(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False,
                   formats: tuple[str, ...] = FORMATS) -> Figure:
-    """ΔEP(t) (solid) and −∇BPTT(t) (dashed) against t for the sampled units of every layer.
+    """Each algorithm's process (ΔEP(t): solid; others dotted, dash-dotted) and BPTT's as the runner
+    stored it (−∇BPTT(t) beside EP: dashed) against t for the sampled units of every layer.
 
     Top row: neuron layers; bottom row: parameter layers. One colour per unit. Uses the first
     variant (experiment, flavour, nudging, β) and trial found in ``df`` (metric ``process``).
@@ -263,6 +314,11 @@ def gdu_processes(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False
         for column in VARIANT:
             df = df[df[column] == first[column]]
         df = df[df["trial"] == df["trial"].min()]
+    compared = [a for a in algorithms_in(df) if a != REFERENCE]
+    drawn = compared + ([REFERENCE] if REFERENCE in algorithms_in(df) else [])
+    style = {a: PROCESS_STYLES[i % len(PROCESS_STYLES)] for i, a in enumerate(compared)}
+    style[REFERENCE] = "--"
+    label = {a: process_label(a, compared) for a in drawn}
     neuron_layers = sort_layers(df.loc[df["quantity"] == "neurons", "layer"]) if not df.empty else []
     weight_layers = sort_layers(df.loc[df["quantity"] != "neurons", "layer"]) if not df.empty else []
     ncols = max(1, len(neuron_layers), len(weight_layers))
@@ -281,23 +337,23 @@ def gdu_processes(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False
             ax = fig.add_subplot(cells[r, c])
             quantity = "neurons" if layer in neuron_layers else "weights"
             for i, unit in enumerate(sorted(units.get(layer, ()))):
-                for algo in ("ep", "bptt"):
+                for algo in drawn:
                     line = lines.get((layer, unit, algo))
                     if line is None:
                         continue
-                    ax.plot(line["t"].to_numpy(), line["value"].to_numpy(), PROCESS_STYLE[algo],
-                            color=colors(i % 10), lw=1.2, label=f"{PROCESS_LABEL[algo]} unit {unit}", gid="data")
+                    ax.plot(line["t"].to_numpy(), line["value"].to_numpy(), style[algo],
+                            color=colors(i % 10), lw=1.2, label=f"{label[algo]} unit {unit}", gid="data")
             ax.axhline(0.0, color="0.6", lw=0.5, gid="reference")
             _title(ax, f"{layer} ({quantity})", fontsize=9)
             ax.set_xlabel("t (time step of the second phase)")
-            ax.set_ylabel("ΔEP(t), −∇BPTT(t) (a.u.)")
+            ax.set_ylabel(", ".join(f"{label[a]}(t)" for a in drawn) + " (a.u.)")
             ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
             ax.yaxis.set_major_locator(MaxNLocator(5))
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
             ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color="k", ls="-", label="ΔEP(t) (solid)"),
-               Line2D([], [], color="k", ls="--", label="−∇BPTT(t) (dashed)")]
-    fig.legend(handles=handles, loc="lower center", ncols=2, fontsize=8)
+    names = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dotted"}
+    handles = [Line2D([], [], color="k", ls=style[a], label=f"{label[a]}(t) ({names[style[a]]})") for a in drawn]
+    fig.legend(handles=handles, loc="lower center", ncols=max(1, len(handles)), fontsize=8)
     name = df["experiment"].iloc[0] + (" (symmetric ±β)" if df["symmetric"].iloc[0] else "") if not df.empty else ""
     desc = df["model_desc"].iloc[0] if not df.empty and "model_desc" in df else ""
     fig.suptitle(f"GDU processes: {name} ({desc})\n{settings_text(df)}; one colour per sampled unit",
@@ -310,9 +366,13 @@ def gdu_processes(df: pd.DataFrame, stem: str | os.PathLike, close: bool = False
 def relmse_bars(df: pd.DataFrame, stem: str | os.PathLike, log: bool = True, close: bool = False,
                 formats: tuple[str, ...] = FORMATS) -> Figure:
     """RelMSE per layer, neurons (top) and parameters (bottom): one group of bars per experiment
-    variant (see :func:`variant_labels`), mean over trials with the std as error bar."""
-    df = df[(df["metric"] == "relmse") & (df["algorithm"] == "ep_vs_bptt")].copy()
+    variant (see :func:`variant_labels`) and compared algorithm (named when the table compares
+    several), mean over trials with the std as error bar."""
+    df = comparison_rows(df[df["metric"] == "relmse"]).copy()
+    compared = algorithms_in(df, comparisons=True)
     df["group"] = variant_labels(df, sep="\n")
+    if len(compared) > 1:
+        df["group"] = df["group"] + "\n" + df["algorithm"].map(lambda a: algorithm_label(compared_algorithm(a)))
     groups = list(dict.fromkeys(df["group"]))
     fig = _new_figure(min(16.0, max(7.0, 0.9 * len(groups) + 3)), 7.5)
     axes = _subplots(fig, 2, 1, top=0.6, right=1.0, bottom=0.95, hgap=1.25)[:, 0]
@@ -332,7 +392,8 @@ def relmse_bars(df: pd.DataFrame, stem: str | os.PathLike, log: bool = True, clo
             if xs:
                 ax.bar(xs, ys, width=width * 0.95, yerr=es, capsize=2, color=colors(j % 20), label=layer)
         ax.set_xticks(range(len(groups)), groups, fontsize=8, rotation=0 if len(groups) < 5 else 30)
-        ax.set_ylabel(RELMSE_LABEL if quantity == "neurons" else "RelMSE (ratio of RMS norms)")
+        ax.set_ylabel(f"{relmse_label(compared)} (ratio of RMS norms)" if quantity == "neurons"
+                      else "RelMSE (ratio of RMS norms)")
         ax.set_xlabel("experiment")
         _title(ax, f"{'neurons' if quantity == 'neurons' else 'weights (parameters)'}: RelMSE per layer",
                      fontsize=9)
@@ -358,12 +419,18 @@ def fit_slope(betas, values) -> float:
     return float(np.polyfit(np.log(b[ok]), np.log(v[ok]), 1)[0])
 
 
-def theorem1_lines(df: pd.DataFrame, layer: str | None = None, quantity: str = "neurons") -> pd.DataFrame:
+def theorem1_lines(df: pd.DataFrame, layer: str | None = None, quantity: str = "neurons",
+                   algorithm: str | None = None) -> pd.DataFrame:
     """RelMSE against |β| per (flavor, symmetric): columns flavor, symmetric, beta, relmse, n.
 
     ``layer=None`` averages over the layers of ``quantity`` (per trial, then over trials).
+    ``algorithm``: whose comparison with BPTT (default: the first the table compares).
     """
-    df = df[(df["metric"] == "relmse") & (df["algorithm"] == "ep_vs_bptt")].copy()
+    df = comparison_rows(df[df["metric"] == "relmse"])
+    if algorithm is None:
+        compared = algorithms_in(df, comparisons=True)
+        algorithm = compared[0] if compared else ""
+    df = df[df["algorithm"] == comparison_name(algorithm)].copy()
     if layer is not None:
         df = df[df["layer"] == layer]
     else:
@@ -381,10 +448,15 @@ def line_label(flavor: str, symmetric: bool) -> str:
 
 
 def theorem1_plot(df: pd.DataFrame, stem: str | os.PathLike, layer: str | None = None,
-                  quantity: str = "neurons", close: bool = False, formats: tuple[str, ...] = FORMATS) -> Figure:
+                  quantity: str = "neurons", close: bool = False, formats: tuple[str, ...] = FORMATS,
+                  algorithm: str | None = None) -> Figure:
     """RelMSE against β on log-log axes, one line per (flavor, symmetric), with faint reference
-    slopes β and β² (anchored at the smallest-β point of the first line)."""
-    lines = theorem1_lines(df, layer, quantity)
+    slopes β and β² (anchored at the smallest-β point of the first line); ``algorithm``: whose
+    comparison with BPTT (default: the first the table compares)."""
+    if algorithm is None:
+        compared = algorithms_in(comparison_rows(df), comparisons=True)
+        algorithm = compared[0] if compared else ""
+    lines = theorem1_lines(df, layer, quantity, algorithm)
     fig = _new_figure(6.4, 4.6)
     ax = _subplots(fig, 1, 1, top=0.55, left=0.85)[0][0]
     markers = "osD^v"
@@ -408,7 +480,7 @@ def theorem1_plot(df: pd.DataFrame, stem: str | os.PathLike, layer: str | None =
     ax.set_yscale("log")
     ax.set_xlabel("β (nudging strength, |β|)")
     where = f"layer {layer}" if layer else f"mean over {quantity.rstrip('s')} layers"
-    ax.set_ylabel(f"RelMSE(ΔEP, −∇BPTT), {where}")
+    ax.set_ylabel(f"{relmse_label([algorithm] if algorithm else [])}, {where}")
     name = ", ".join(dict.fromkeys(df["experiment"])) if "experiment" in df and not df.empty else ""
     settings = settings_text(df, ("T", "K", "dataset", "backend", "dtype"))
     _title(ax, f"Theorem 1: RelMSE → 0 as β → 0 — {name}\n{settings}", fontsize=9)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,12 @@ import pandas as pd
 from epbench import figures as figs
 from epbench import paper
 from epbench.convergence import DRIFT_SHARE, converged, drift_ratio, theorem1_prediction
-from epbench.results import atomic_write_text, read_meta, read_table, safe_name, to_frame
+from epbench.results import (REFERENCE, algorithm_label, algorithms_in, atomic_write_text, compared_algorithm, comparison_name,
+                             read_meta, read_table, safe_name, to_frame)
 
 FIGURES = "figures"
+#: the algorithm the paper studies: the GDU magnitudes of Table 3 and of the official code are its
+PAPER_ALGORITHM = "ep"
 REPORT = "report.md"
 LR_COLUMNS = ("lrs", "learning_rates", "lr")
 
@@ -62,11 +64,17 @@ def _pm(mean, std, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if _isnum(std) else f"{mean:.{digits}f} ± n/a"
 
 
-def parse_model_desc(desc: str) -> dict:
-    """Activation and dt (ε of EB/toy, leak of P) from ``ModelSpec.describe()``."""
-    act = re.search(r"\b(hard_sigmoid|sigmoid|tanh)\b", str(desc))
-    dt = re.search(r"\bdt=([0-9.eE+-]+)", str(desc))
-    return {"activation": act.group(1) if act else "", "dt": float(dt.group(1)) if dt else float("nan")}
+def model_settings(row) -> dict:
+    """Activation, dt (ε of EB/toy, leak of P) and the number of classes (``n_out``) of a
+    table row, from its columns (``n_out`` 10 where the table does not say)."""
+    def column(key, default):
+        value = row.get(key, default) if hasattr(row, "get") else default
+        return default if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+    dt = pd.to_numeric(column("dt", float("nan")), errors="coerce")
+    n_out = int(pd.to_numeric(column("n_out", -1), errors="coerce") or -1)
+    return {"activation": str(column("activation", "")), "dt": float(dt),
+            "n_classes": n_out if n_out > 0 else 10}
 
 
 def _groups(df: pd.DataFrame, keys: list[str]):
@@ -128,64 +136,78 @@ def _sanity(preset: str | None, rel: dict[str, float], batch_size: int, desc: di
 
 
 def summarize_gdu(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per GDU experiment × flavour × nudging × β: settings, per-layer means over trials
+    """One row per GDU experiment × flavour × nudging × β × algorithm compared with BPTT (the
+    table's ``<name>_vs_bptt`` rows, ``algorithm`` = the name): settings, per-layer means over trials
     (``relmse_<layer>``, ``sign_<layer>``, ``cosine_<layer>``), their ranges, the first-phase
     convergence (mean and worst trial), ``relmse_neurons`` (mean over the neuron layers),
     ``drift_ratio`` (worst trial) and ``converged`` (True, False or None when unknown) by the rule
     of :mod:`epbench.convergence`, and the check of official-code rows against the official
     code's magnitudes (``sanity``, ``sanity_detail``)."""
     gdu = df[df["task"] == "gdu"] if "task" in df else df.iloc[0:0]
+    compared = algorithms_in(gdu, comparisons=True)
     records = []
     for (exp, _, symmetric, beta), rows in _groups(gdu, figs.VARIANT):
-        first = rows.iloc[0]
-        preset = paper.preset_key(first.to_dict())
-        desc = parse_model_desc(first["model_desc"])
-        pair = rows[rows["algorithm"] == "ep_vs_bptt"]
-        rel = _layer_means(pair[pair["metric"] == "relmse"])
-        sign = _layer_means(pair[pair["metric"] == "sign_agreement"])
-        zero = _layer_means(pair[pair["metric"] == "sign_both_zero"])
-        cos = _layer_means(pair[pair["metric"] == "cosine"])
-        conv = rows[(rows["metric"] == "convergence") & (rows["algorithm"] == "ep")]["value"]
-        rec = {
-            "experiment": exp, "preset": preset or "", "flavor": first["flavor"], "model": first["model"],
-            "model_desc": first["model_desc"], "activation": desc["activation"], "dt": desc["dt"],
-            "T": int(first["T"]), "K": int(first["K"]), "beta": float(beta), "symmetric": bool(symmetric),
-            "dtype": first["dtype"], "dataset": first["dataset"], "batch_size": int(first["batch_size"]),
-            "n_trials": int(rows["trial"].nunique()),
-            "neuron_layers": ",".join(l for l in rel if _is_neuron(l)),
-            "weight_layers": ",".join(l for l in rel if not _is_neuron(l)),
-            "convergence": float(conv.mean()) if len(conv) else float("nan"),
-            "convergence_max": float(conv.max()) if len(conv) else float("nan"),
-            "sign_min": min(sign.values()) if sign else float("nan"),
-            "sign_max": max(sign.values()) if sign else float("nan"),
-            "both_zero_max": max(zero.values()) if zero else float("nan"),
-            "cosine_min": min(cos.values()) if cos else float("nan"),
-            "cosine_max": max(cos.values()) if cos else float("nan"),
-        }
-        neurons = [v for k, v in rel.items() if _is_neuron(k)]
-        rec["relmse_neurons"] = float(np.mean(neurons)) if neurons else float("nan")
-        rec["drift_ratio"] = drift_ratio(rec["convergence_max"], first["model"], desc["dt"], float(beta),
-                                         bool(symmetric))
-        rec["converged"] = converged(rec["drift_ratio"], rec["relmse_neurons"])
-        rec.update({f"relmse_{k}": v for k, v in rel.items()})
-        rec.update({f"sign_{k}": v for k, v in sign.items()})
-        rec.update({f"cosine_{k}": v for k, v in cos.items()})
-        ref3 = paper_table3(preset)
-        if ref3 is None:
-            rec["table3"] = ""
-        else:
-            diffs = [f"{n} {v:g} (paper {r:g})" for n, v, r in
-                     (("T", rec["T"], ref3[0]), ("K", rec["K"], ref3[1]), ("β", abs(rec["beta"]), ref3[2])) if v != r]
-            if rec["symmetric"]:
-                diffs.append("symmetric ±β (paper one-sided)")
-            rec["table3"] = "= Table 3" if not diffs else "differs: " + ", ".join(diffs)
-        if first["flavor"] == "official-code":
-            rec["sanity"], rec["sanity_detail"] = _sanity(preset, rel, rec["batch_size"], desc, first["model"],
-                                                     rec["table3"] == "= Table 3")
-        else:
-            rec["sanity"], rec["sanity_detail"] = "", ""
-        records.append(rec)
+        for algorithm in compared:
+            pair = rows[rows["algorithm"] == comparison_name(algorithm)]
+            if not pair.empty:
+                records.append(_gdu_record(exp, algorithm, bool(symmetric), float(beta), rows, pair))
     return pd.DataFrame.from_records(records)
+
+
+def _gdu_record(exp: str, algorithm: str, symmetric: bool, beta: float, rows: pd.DataFrame,
+                pair: pd.DataFrame) -> dict:
+    """One row of :func:`summarize_gdu`: ``rows`` of one variant, ``pair`` its comparison rows
+    of ``algorithm``."""
+    first = rows.iloc[0]
+    preset = paper.preset_key(first.to_dict())
+    desc = model_settings(first)
+    conv = rows[rows["metric"] == "convergence"]["value"]
+    rel = _layer_means(pair[pair["metric"] == "relmse"])
+    sign = _layer_means(pair[pair["metric"] == "sign_agreement"])
+    zero = _layer_means(pair[pair["metric"] == "sign_both_zero"])
+    cos = _layer_means(pair[pair["metric"] == "cosine"])
+    rec = {
+        "experiment": exp, "algorithm": algorithm, "preset": preset or "", "flavor": first["flavor"],
+        "model": first["model"],
+        "model_desc": first["model_desc"], "activation": desc["activation"], "dt": desc["dt"],
+        "T": int(first["T"]), "K": int(first["K"]), "beta": float(beta), "symmetric": bool(symmetric),
+        "dtype": first["dtype"], "dataset": first["dataset"], "batch_size": int(first["batch_size"]),
+        "n_trials": int(rows["trial"].nunique()),
+        "neuron_layers": ",".join(l for l in rel if _is_neuron(l)),
+        "weight_layers": ",".join(l for l in rel if not _is_neuron(l)),
+        "convergence": float(conv.mean()) if len(conv) else float("nan"),
+        "convergence_max": float(conv.max()) if len(conv) else float("nan"),
+        "sign_min": min(sign.values()) if sign else float("nan"),
+        "sign_max": max(sign.values()) if sign else float("nan"),
+        "both_zero_max": max(zero.values()) if zero else float("nan"),
+        "cosine_min": min(cos.values()) if cos else float("nan"),
+        "cosine_max": max(cos.values()) if cos else float("nan"),
+    }
+    neurons = [v for k, v in rel.items() if _is_neuron(k)]
+    rec["relmse_neurons"] = float(np.mean(neurons)) if neurons else float("nan")
+    rec["drift_ratio"] = drift_ratio(rec["convergence_max"], first["model"], desc["dt"], float(beta),
+                                     bool(symmetric))
+    rec["converged"] = converged(rec["drift_ratio"], rec["relmse_neurons"])
+    rec.update({f"relmse_{k}": v for k, v in rel.items()})
+    rec.update({f"sign_{k}": v for k, v in sign.items()})
+    rec.update({f"cosine_{k}": v for k, v in cos.items()})
+    ref3 = paper_table3(preset)
+    if ref3 is None:
+        rec["table3"] = ""
+    else:
+        diffs = [f"{n} {v:g} (paper {r:g})" for n, v, r in
+                 (("T", rec["T"], ref3[0]), ("K", rec["K"], ref3[1]), ("β", abs(rec["beta"]), ref3[2])) if v != r]
+        if rec["symmetric"]:
+            diffs.append("symmetric ±β (paper one-sided)")
+        rec["table3"] = "= Table 3" if not diffs else "differs: " + ", ".join(diffs)
+    if first["flavor"] == "official-code" and algorithm != PAPER_ALGORITHM:
+        rec["sanity"], rec["sanity_detail"] = "", f"no official-code reference for {algorithm_label(algorithm)}"
+    elif first["flavor"] == "official-code":
+        rec["sanity"], rec["sanity_detail"] = _sanity(preset, rel, rec["batch_size"], desc, first["model"],
+                                                 rec["table3"] == "= Table 3")
+    else:
+        rec["sanity"], rec["sanity_detail"] = "", ""
+    return rec
 
 
 def paper_table3(preset: str | None) -> tuple[int, int, float] | None:
@@ -227,7 +249,7 @@ def _relmse_cell(r: pd.Series, layers: str) -> str:
 
 
 def _gdu_markdown(summary: pd.DataFrame) -> str:
-    header = ["experiment", "flavour", "activation", "T", "K", "β", "ε / dt", "B", "n", "RelMSE neurons",
+    header = ["experiment", "algorithm", "flavour", "activation", "T", "K", "β", "ε / dt", "B", "n", "RelMSE neurons",
               "RelMSE weights", "same sign %", "cosine", "‖s_T − s_{T−1}‖", "converged (drift ratio r)",
               "Table 3 settings", "vs official-code magnitudes (×3)"]
     rows = []
@@ -240,7 +262,8 @@ def _gdu_markdown(summary: pd.DataFrame) -> str:
         else:
             check = r["sanity_detail"] or "—"
         beta = f"±{abs(r['beta']):g}" if r["symmetric"] else f"{r['beta']:g}"
-        rows.append([r["experiment"], r["flavor"], r["activation"], r["T"], r["K"], beta, _g(r["dt"]),
+        rows.append([r["experiment"], algorithm_label(r["algorithm"]), r["flavor"], r["activation"], r["T"], r["K"],
+                     beta, _g(r["dt"]),
                      r["batch_size"], r["n_trials"], _relmse_cell(r, r["neuron_layers"]),
                      _relmse_cell(r, r["weight_layers"]), sign,
                      _range_text(r["cosine_min"], r["cosine_max"], lambda v: f"{v:.4f}"),
@@ -250,16 +273,18 @@ def _gdu_markdown(summary: pd.DataFrame) -> str:
 
 def _variant_name(r: pd.Series) -> str:
     beta = f"±β = {abs(r['beta']):g}" if r["symmetric"] else f"β = {r['beta']:g}"
-    return f"{r['experiment']} ({r['flavor']}, {beta})"
+    return f"{r['experiment']} ({algorithm_label(r['algorithm'])}, {r['flavor']}, {beta})"
 
 
 def _gdu_section(summary: pd.DataFrame) -> list[str]:
     """The GDU section's heading, text, table and, in bold, every row whose first phase has not
     converged (:mod:`epbench.convergence`)."""
-    out = ["## GDU property: EP updates vs BPTT gradients (Table 3)", "",
-           "RelMSE(ΔEP, −∇BPTT) per layer (appendix eq. 67; mean over trials; 0 means identical processes), "
-           "% of parameters whose cumulative EP update and −BPTT gradient share a sign, cosine similarity "
-           "(range over layers), and the first phase's leftover step ‖s_T − s_{T−1}‖_∞ (worst trial). "
+    names = ", ".join(algorithm_label(a) for a in dict.fromkeys(summary["algorithm"])) if len(summary) else ""
+    out = [f"## GDU property: per-step processes vs BPTT gradients (Table 3): {names}", "",
+           "RelMSE of each algorithm's processes against BPTT's with the sign they estimate it with "
+           "(ΔEP against −∇BPTT for EP) per layer (appendix eq. 67; mean over trials; 0 means identical "
+           "processes), % of parameters whose cumulative update and signed BPTT gradient share a sign, cosine "
+           "similarity (range over layers), and the first phase's leftover step ‖s_T − s_{T−1}‖_∞ (worst trial). "
            "Theorem 1 compares the processes from a steady state: a row counts as converged when the drift "
            "ratio r = ‖s_T − s_{T−1}‖_∞ / ep_scale(β) (the most the leftover drift adds to an entry of ΔEP_s; "
            "ep_scale = εβ for EB and toy, β for P; with symmetric nudging the drift cancels between +β and −β "
@@ -292,7 +317,8 @@ def flavour_comparison(summary: pd.DataFrame) -> list[str]:
     out = []
     if summary.empty:
         return out
-    for preset, rows in summary[summary["preset"] != ""].groupby("preset", sort=False):
+    several = summary["algorithm"].nunique() > 1
+    for (preset, algorithm), rows in summary[summary["preset"] != ""].groupby(["preset", "algorithm"], sort=False):
         one = rows[~rows["symmetric"]] if (~rows["symmetric"]).any() else rows
         pap, off = one[one["flavor"] == "paper"], one[one["flavor"] == "official-code"]
         if pap.empty or off.empty:
@@ -322,7 +348,8 @@ def flavour_comparison(summary: pd.DataFrame) -> list[str]:
         stale = [name for name, r in (("paper", p), ("official-code", o)) if _flagged(r["converged"])]
         warn = (f" **Not converged ({' and '.join(stale)} flavour): these values do not measure the GDU "
                 f"property.**" if stale else "")
-        out.append(f"**{paper.DISPLAY.get(preset, preset)}** ({betas}), RelMSE: " + "; ".join(parts) + "."
+        who = f", {algorithm_label(algorithm)}" if several else ""
+        out.append(f"**{paper.DISPLAY.get(preset, preset)}** ({betas}{who}), RelMSE: " + "; ".join(parts) + "."
                    + warn + (f" The flavours differ in that {why}." if why else "") + dts)
     return out
 
@@ -338,21 +365,24 @@ def _with_family(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize_theorem1(df: pd.DataFrame, layer: str | None = None) -> pd.DataFrame:
-    """β sweeps: per family (preset or experiment, T, K, dtype) with several β, RelMSE (mean over
+    """β sweeps: per family (preset or experiment, T, K, dtype; and the compared algorithm, named in
+    ``family`` when the table compares several) with several β, RelMSE (mean over
     neuron layers, or ``layer``) per (flavor, symmetric, β), the fitted log-log slope of each line
     (over all its points), what Theorem 1 predicts for it (``prediction``), and per point the worst
-    first-phase ``convergence``, its ``drift_ratio`` and ``converged`` (:mod:`epbench.convergence`)."""
-    cols = ["family", "flavor", "symmetric", "beta", "relmse", "n", "slope", "prediction", "convergence",
-            "drift_ratio", "converged"]
-    gdu = df[(df["task"] == "gdu") & (df["algorithm"] == "ep_vs_bptt") & (df["metric"] == "relmse")]
+    first-phase ``convergence``, its ``drift_ratio`` and ``converged`` (:mod:`epbench.convergence`);
+    ``base``: the family without the algorithm's name."""
+    cols = ["family", "algorithm", "flavor", "symmetric", "beta", "relmse", "n", "slope", "prediction",
+            "convergence", "drift_ratio", "converged"]
+    gdu = figs.comparison_rows(df[(df["task"] == "gdu") & (df["metric"] == "relmse")])
     if gdu.empty:
         return pd.DataFrame(columns=cols)
-    conv = _with_family(df[(df["task"] == "gdu") & (df["algorithm"] == "ep") & (df["metric"] == "convergence")])
+    compared = algorithms_in(gdu, comparisons=True)
+    conv = _with_family(df[(df["task"] == "gdu") & (df["metric"] == "convergence")])
     conv = conv.assign(beta=conv["beta"].abs())
     frames = []
-    for family, rows in _groups(_with_family(gdu), ["family"]):
-        family = family[0] if isinstance(family, tuple) else family
-        lines = figs.theorem1_lines(rows, layer)
+    rows_of = _with_family(gdu).assign(compared=lambda d: d["algorithm"].map(compared_algorithm))
+    for (family, algorithm), rows in _groups(rows_of, ["family", "compared"]):
+        lines = figs.theorem1_lines(rows, layer, algorithm=algorithm)
         if lines.empty or lines.groupby(["flavor", "symmetric"])["beta"].nunique().max() < 2:
             continue
         slopes = {key: figs.fit_slope(g["beta"], g["relmse"]) for key, g in lines.groupby(["flavor", "symmetric"])}
@@ -363,12 +393,14 @@ def summarize_theorem1(df: pd.DataFrame, layer: str | None = None) -> pd.DataFra
             c = conv[(conv["family"] == family) & (conv["flavor"] == f) & (conv["symmetric"] == s)
                      & (conv["beta"] == b)]["value"]
             worst = float(c.max()) if len(c) else float("nan")
-            ratio = drift_ratio(worst, first["model"], parse_model_desc(first["model_desc"])["dt"], b, bool(s))
+            ratio = drift_ratio(worst, first["model"], model_settings(first)["dt"], b, bool(s))
             points.append({"slope": slopes[(f, s)], "prediction": theorem1_prediction(first["model"], f, bool(s)),
                            "convergence": worst, "drift_ratio": ratio, "converged": converged(ratio, value)})
-        lines = lines.reset_index(drop=True).join(pd.DataFrame(points)).assign(family=family)
+        name = f"{family} {algorithm_label(algorithm)}" if len(compared) > 1 else family
+        lines = lines.reset_index(drop=True).join(pd.DataFrame(points)).assign(family=name, base=family,
+                                                                                algorithm=algorithm)
         frames.append(lines)
-    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+    return pd.concat(frames, ignore_index=True)[cols + ["base"]] if frames else pd.DataFrame(columns=cols + ["base"])
 
 
 def _theorem1_markdown(t1: pd.DataFrame, family: str) -> str:
@@ -431,13 +463,16 @@ def _final_per_trial(rows: pd.DataFrame) -> pd.Series:
 def summarize_training(df: pd.DataFrame) -> pd.DataFrame:
     """One row per training experiment (variant): settings, final (last epoch) test error mean ± std
     (sample std, n−1) and final train error mean per algorithm over the trials run, the
-    published Table 1 values (``paper_*``) and the differences run − published (``diff_*``)."""
+    published Table 1 values (``paper_*``, for the algorithms Table 1 has) and the differences
+    run − published (``diff_*``). The algorithms are those of the table's training rows
+    (``algorithms``, in order of appearance)."""
     train = df[df["task"] == "train"] if "task" in df else df.iloc[0:0]
+    algos = algorithms_in(train)
     records = []
     for (exp, *_), rows in _groups(train, figs.VARIANT):
         first = rows.iloc[0]
         preset = paper.preset_key(first.to_dict())
-        desc = parse_model_desc(first["model_desc"])
+        desc = model_settings(first)
         rec = {"experiment": exp, "preset": preset or "", "flavor": first["flavor"], "model": first["model"],
                "model_desc": first["model_desc"], "activation": desc["activation"], "dt": desc["dt"],
                "T": int(first["T"]), "K": int(first["K"]), "beta": float(first["beta"]),
@@ -445,10 +480,11 @@ def summarize_training(df: pd.DataFrame) -> pd.DataFrame:
                "batch_size": int(first["batch_size"]), "dataset": first["dataset"], "dtype": first["dtype"]}
         lr_col = next((c for c in LR_COLUMNS if c in rows.columns), None)
         rec["lrs"] = str(first[lr_col]) if lr_col else ""
-        rec["n_classes"] = _n_classes(first["model_desc"])
+        rec["n_classes"] = desc["n_classes"]
+        rec["algorithms"] = algos
         tests = rows[rows["metric"] == "test_error"]
         rec["epochs_run"] = int(tests.loc[tests["epoch"] >= 0, "epoch"].nunique()) if len(tests) else 0
-        for algo in ("ep", "bptt"):
+        for algo in algos:
             test = _final_per_trial(tests[tests["algorithm"] == algo])
             tr = _final_per_trial(rows[(rows["metric"] == "train_error") & (rows["algorithm"] == algo)])
             flags = _trial_flags(rows[rows["algorithm"] == algo])
@@ -462,9 +498,9 @@ def summarize_training(df: pd.DataFrame) -> pd.DataFrame:
                                     if f != "ok"}
             rec[f"{algo}_epoch_time_s"] = float(etime.mean()) if len(etime) else float("nan")
         pub = paper.TABLE1.get(preset or "")
-        for algo in ("ep", "bptt"):
+        for algo in algos:
             for what in ("test", "test_std", "train"):
-                rec[f"paper_{algo}_{what}"] = getattr(pub, f"{algo}_{what}") if pub else float("nan")
+                rec[f"paper_{algo}_{what}"] = getattr(pub, f"{algo}_{what}", float("nan")) if pub else float("nan")
             rec[f"diff_{algo}_test"] = rec[f"{algo}_test_mean"] - rec[f"paper_{algo}_test"]
         rec["paper_epochs"] = pub.epochs if pub else -1
         reasons = []
@@ -475,15 +511,22 @@ def summarize_training(df: pd.DataFrame) -> pd.DataFrame:
                 reasons.append(f"{rec['epochs_run']} of {pub.epochs} epochs")
             if (rec["T"], rec["K"]) != (pub.T, pub.K):
                 reasons.append(f"T={rec['T']}, K={rec['K']} (paper {pub.T}, {pub.K})")
-            for algo in ("ep", "bptt"):
-                if rec[f"n_{algo}"] == 0:
-                    reasons.append(f"no {algo.upper()} run")
-            ran = [n for n in (rec["n_ep"], rec["n_bptt"]) if n]
+            for algo in published_algorithms():
+                if rec.get(f"n_{algo}", 0) == 0:
+                    reasons.append(f"no {algorithm_label(algo)} run")
+            ran = [rec[f"n_{a}"] for a in published_algorithms() if rec.get(f"n_{a}", 0)]
             if ran and min(ran) < pub.trials:
                 reasons.append(f"{min(ran)} of {pub.trials} trials")
         rec["not_comparable"] = "; ".join(reasons)
         records.append(rec)
     return pd.DataFrame.from_records(records)
+
+
+def published_algorithms() -> list[str]:
+    """The algorithms of Table 1 (those :class:`epbench.paper.PublishedTraining` has values of)."""
+    import dataclasses
+
+    return [f.name[:-len("_test")] for f in dataclasses.fields(paper.PublishedTraining) if f.name.endswith("_test")]
 
 
 def _trial_flags(rows: pd.DataFrame) -> dict:
@@ -499,14 +542,6 @@ def _trial_flags(rows: pd.DataFrame) -> dict:
             div = part[part["metric"] == "diverged"]["value"]
             flags[trial] = "diverged" if len(div) and div.max() > 0 else "ok"
     return flags
-
-
-def _n_classes(model_desc: str) -> int:
-    """Output units of a model from ``ModelSpec.describe()`` ('p 784-512-10 ...' -> 10); 10 if
-    not written there (pconv)."""
-    arch = str(model_desc).split()
-    last = arch[1].rsplit("-", 1)[-1] if len(arch) > 1 and arch[0] != "pconv" else ""
-    return int(last) if last.isdigit() else 10
 
 
 def _table4_diff(rec: pd.Series) -> str:
@@ -547,34 +582,43 @@ def _training_markdown(summary: pd.DataFrame) -> tuple[str, str]:
     t4 = _table(["experiment", "flavour", "activation", "T", "K", "β", "ε / dt", "epochs", "batch",
                  "learning rates (run)", "learning rates (Table 4, published)", "dataset", "dtype", "vs Table 4"],
                 settings)
+    algos = _summary_algorithms(summary)
+    published = [a for a in algos if a in published_algorithms()]
     results = []
     for _, r in summary.iterrows():
-        div = ", ".join(f"**{a.upper()}: {n} {flag}**" for a in ("ep", "bptt")
+        div = ", ".join(f"**{algorithm_label(a)}: {n} {flag}**" for a in algos
                         for flag, n in (r.get(f"{a}_flags") or {}).items())
-        results.append([
-            r["experiment"], r["epochs_run"],
-            f"{_pm(r['ep_test_mean'], r['ep_test_std'])} (n={r['n_ep']})", _f(r["ep_train_mean"]),
-            f"{_pm(r['bptt_test_mean'], r['bptt_test_std'])} (n={r['n_bptt']})", _f(r["bptt_train_mean"]),
-            _pm(r["paper_ep_test"], r["paper_ep_test_std"]), _f(r["paper_ep_train"]),
-            _pm(r["paper_bptt_test"], r["paper_bptt_test_std"]), _f(r["paper_bptt_train"]),
-            f"{r['diff_ep_test']:+.2f}" if _isnum(r["diff_ep_test"]) else "—",
-            f"{r['diff_bptt_test']:+.2f}" if _isnum(r["diff_bptt_test"]) else "—",
-            div or "—", r["not_comparable"] or ("—" if r["preset"] in paper.TABLE1 else "no Table 1 row")])
-    t1 = _table(["experiment", "epochs run", "EP test %", "EP train %", "BPTT test %", "BPTT train %",
-                 "published EP test %", "published EP train %", "published BPTT test %",
-                 "published BPTT train %", "Δ EP test", "Δ BPTT test", "flagged trials",
-                 "not comparable because"], results)
+        row = [r["experiment"], r["epochs_run"]]
+        for a in algos:
+            row += [f"{_pm(r[f'{a}_test_mean'], r[f'{a}_test_std'])} (n={r[f'n_{a}']})", _f(r[f"{a}_train_mean"])]
+        for a in published:
+            row += [_pm(r[f"paper_{a}_test"], r[f"paper_{a}_test_std"]), _f(r[f"paper_{a}_train"])]
+        row += [f"{r[f'diff_{a}_test']:+.2f}" if _isnum(r[f"diff_{a}_test"]) else "—" for a in published]
+        row += [div or "—", r["not_comparable"] or ("—" if r["preset"] in paper.TABLE1 else "no Table 1 row")]
+        results.append(row)
+    header = ["experiment", "epochs run"]
+    for a in algos:
+        header += [f"{algorithm_label(a)} test %", f"{algorithm_label(a)} train %"]
+    for a in published:
+        header += [f"published {algorithm_label(a)} test %", f"published {algorithm_label(a)} train %"]
+    header += [f"Δ {algorithm_label(a)} test" for a in published] + ["flagged trials", "not comparable because"]
+    t1 = _table(header, results)
     legend = "\n\n".join(part for part in (_flags_legend(summary), _stuck_paper_flavour(summary)) if part)
     return t4, t1 + ("\n\n" + legend if legend else "")
 
 
+def _summary_algorithms(summary: pd.DataFrame) -> list[str]:
+    """The algorithms of a :func:`summarize_training` table."""
+    return list(summary["algorithms"].iloc[0]) if len(summary) and "algorithms" in summary else []
+
+
 def _flags_legend(summary: pd.DataFrame) -> str:
-    """The rule behind each flag that appears in the table (runner.status_text), in bold."""
-    from epbench.runner import status_text
+    """The rule behind each flag that appears in the table (:func:`epbench.training.status_text`), in bold."""
+    from epbench.training import status_text
 
     seen = {}
     for _, r in summary.iterrows():
-        for algo in ("ep", "bptt"):
+        for algo in _summary_algorithms(summary):
             for flag in r.get(f"{algo}_flags") or {}:
                 seen.setdefault((flag, r["n_classes"]), None)
     if not seen:
@@ -590,7 +634,8 @@ def _stuck_paper_flavour(summary: pd.DataFrame) -> str:
     outputs where its gradient vanishes, while EP's state differences still move (docs/flavours.md,
     tests/test_training_mechanisms.py). Empty when no row is in that case."""
     rows = [r["experiment"] for _, r in summary.iterrows() if r["flavor"] == "paper"
-            and (r.get("bptt_flags") or {}).get("chance") and not (r.get("ep_flags") or {}).get("chance")]
+            and (r.get(f"{REFERENCE}_flags") or {}).get("chance")
+            and f"n_{PAPER_ALGORITHM}" in r and not (r.get(f"{PAPER_ALGORITHM}_flags") or {}).get("chance")]
     if not rows:
         return ""
     return (f"**BPTT at chance in the paper flavour ({', '.join(rows)}), EP learning.** This is the paper "
@@ -604,20 +649,21 @@ def _stuck_paper_flavour(summary: pd.DataFrame) -> str:
 
 # ----- timing ------------------------------------------------------------------------------------
 def summarize_timing(df: pd.DataFrame) -> pd.DataFrame:
-    """Per experiment × trial: wall time (summed over the variants of a sweep), and sums of
-    compile_s / run_s over distinct measurements (rows repeating one measurement's timings count once)."""
-    cols = ["experiment", "trial", "task", "wall_time_s", "compile_s", "run_s", "ep_epoch_time_s",
-            "bptt_epoch_time_s"]
+    """Per experiment × trial: wall time (summed over the variants of a sweep), sums of
+    compile_s / run_s over distinct measurements (rows repeating one measurement's timings count
+    once), and ``<algorithm>_epoch_time_s`` for each algorithm of the training rows."""
+    algos = algorithms_in(df[df["task"] == "train"]) if "task" in df else []
+    cols = ["experiment", "trial", "task", "wall_time_s", "compile_s", "run_s"] + [f"{a}_epoch_time_s" for a in algos]
     records = []
     for (exp, trial), rows in _groups(df, ["experiment", "trial"]):
-        # a GDU measurement gives rows of all three algorithms; training measures EP and BPTT apart
+        # a GDU measurement gives rows of every algorithm at once; training measures each apart
         rows = rows.assign(measured=np.where(rows["task"] == "train", rows["algorithm"], ""))
         meas = rows.drop_duplicates(figs.VARIANT[1:] + ["measured", "epoch", "compile_s", "run_s"])
         rec = {"experiment": exp, "trial": int(trial), "task": rows["task"].iloc[0],
                "wall_time_s": float(rows.groupby(figs.VARIANT[1:])["wall_time_s"].max().sum()),
                "compile_s": float(meas["compile_s"].sum(min_count=1)),
                "run_s": float(meas["run_s"].sum(min_count=1))}
-        for algo in ("ep", "bptt"):
+        for algo in algos:
             et = rows[(rows["metric"] == "epoch_time_s") & (rows["algorithm"] == algo)]["value"]
             rec[f"{algo}_epoch_time_s"] = float(et.mean()) if len(et) else float("nan")
         records.append(rec)
@@ -625,14 +671,15 @@ def summarize_timing(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _timing_markdown(timing: pd.DataFrame) -> str:
+    epoch_cols = [c for c in timing.columns if c.endswith("_epoch_time_s")]
     rows = [[r["experiment"], r["trial"], r["task"], _f(r["wall_time_s"], 1), _f(r["compile_s"], 2),
-             _f(r["run_s"], 2), _f(r["ep_epoch_time_s"], 2), _f(r["bptt_epoch_time_s"], 2)]
+             _f(r["run_s"], 2)] + [_f(r[c], 2) for c in epoch_cols]
             for _, r in timing.iterrows()]
     total = {c: timing[c].sum(min_count=1) for c in ("wall_time_s", "compile_s", "run_s")}
     rows.append(["**total**", "", "", _f(total["wall_time_s"], 1), _f(total["compile_s"], 2),
-                 _f(total["run_s"], 2), "", ""])
-    return _table(["experiment", "trial", "task", "wall time (s)", "Σ compile_s", "Σ run_s",
-                   "EP s/epoch (mean)", "BPTT s/epoch (mean)"], rows)
+                 _f(total["run_s"], 2)] + [""] * len(epoch_cols))
+    return _table(["experiment", "trial", "task", "wall time (s)", "Σ compile_s", "Σ run_s"]
+                  + [f"{algorithm_label(c[:-len('_epoch_time_s')])} s/epoch (mean)" for c in epoch_cols], rows)
 
 
 # ----- the report --------------------------------------------------------------------------------
@@ -764,9 +811,9 @@ def render_report(run_dir: str | os.PathLike, svg: bool = False) -> Path:
         if not t1.empty:
             out += _theorem1_intro(t1)
             families = _with_family(gdu)
-            for family in dict.fromkeys(t1["family"]):
-                stem = figure(figs.theorem1_plot, families[families["family"] == family],
-                              f"theorem1-{_slug(family)}")
+            for family, base, algorithm in dict.fromkeys(zip(t1["family"], t1["base"], t1["algorithm"])):
+                stem = figure(figs.theorem1_plot, families[families["family"] == base],
+                              f"theorem1-{_slug(family)}", algorithm=algorithm)
                 out += [f"### {family}", "", _theorem1_markdown(t1, family), "",
                         _image(f"Theorem 1 {family}", stem), ""]
 

@@ -13,17 +13,24 @@ process samples). Columns (see :data:`COLUMNS`):
 =================  ==============================================================
 experiment         experiment name from the suite
 task               ``gdu`` or ``train``
-model, model_desc  spec.kind and spec.describe(); activation, dt (the time step ε / leak)
+model, model_desc  spec.kind and spec.describe(); activation, dt (the time step ε / leak);
+                   hidden (hidden layer sizes, output side first, joined by "-"; pconv:
+                   its channels, input side first), n_out (output units: the number of classes)
 flavor, dataset    flavour; dataset name (``synthetic`` for the toy model's input)
 dtype, T, K, beta  phase settings; ``symmetric`` (bool) for ±β nudging, ``alternate`` (bool)
                    for the even/odd alternation of P training
 epochs, batch_size training settings / GDU batch size; lrs: learning rates, input side
                    first, joined by "-" (Table 4 order)
 trial, seed        trial index and the seed of its initial parameters and data
-algorithm          ``ep``, ``bptt`` or ``ep_vs_bptt``
+algorithm          a registered algorithm's name (``ep``, ``bptt``, a plugin's), or
+                   ``<name>_vs_bptt`` for the GDU rows comparing its processes with BPTT's
 metric             gdu: ``relmse``, ``sign_agreement``, ``sign_both_zero``, ``cosine``
-                   (ep_vs_bptt); ``convergence`` (ep, layer ``all``); ``process``
-                   (ep: ΔEP(t), bptt: −∇BPTT(t) for a few units, with ``t`` and ``unit``).
+                   (``<name>_vs_bptt``: the algorithm's processes against BPTT's times the
+                   algorithm's sign, −∇BPTT for EP); ``convergence`` (the first compared
+                   algorithm, layer ``all``: the first phase shared by all); ``process``
+                   (each algorithm's process, e.g. ep: ΔEP(t), and bptt: ∇BPTT(t) times the
+                   first compared algorithm's sign, −∇BPTT(t) beside EP, for a few units,
+                   with ``t`` and ``unit``).
                    train: ``train_error``, ``test_error`` (%), ``diverged`` (0/1),
                    ``epoch_time_s``.
 layer              ``s0``, ``s1``, ... (neurons) or ``W01``, ``b0``, ... (parameters)
@@ -66,14 +73,47 @@ import pandas as pd
 from epbench.errors import EpbenchError
 
 COLUMNS = [
-    "run_id", "experiment", "task", "model", "model_desc", "activation", "dt", "flavor", "dataset", "dtype",
+    "run_id", "experiment", "task", "model", "model_desc", "hidden", "n_out", "activation", "dt", "flavor", "dataset", "dtype",
     "T", "K", "beta", "symmetric", "alternate", "lrs", "epochs", "batch_size", "trial", "seed", "algorithm",
     "metric", "layer", "quantity", "epoch", "t", "unit", "value", "status", "compile_s", "run_s", "wall_time_s",
     "epbench_version", "git_commit", "git_dirty", "suite", "suite_hash", "backend", "framework",
     "framework_version", "device", "implementation", "cpu_model", "cpu_flags", "gpu_name", "gpu_driver",
     "cuda_version", "start_time",
 ]
-INT_COLUMNS = ["T", "K", "epochs", "batch_size", "trial", "seed", "epoch", "t", "unit"]
+#: the algorithm every other one's GDU processes are compared with
+REFERENCE = "bptt"
+#: how the ``algorithm`` column names the rows comparing an algorithm's processes with BPTT's
+COMPARISON_SUFFIX = f"_vs_{REFERENCE}"
+
+
+def comparison_name(algorithm: str) -> str:
+    """``algorithm`` of the GDU rows comparing ``algorithm``'s processes with BPTT's (``ep_vs_bptt``)."""
+    return algorithm + COMPARISON_SUFFIX
+
+
+def compared_algorithm(name: str) -> str | None:
+    """The algorithm of a comparison row's ``algorithm`` value (``ep_vs_bptt`` → ``ep``), else None."""
+    name = str(name)
+    return name[:-len(COMPARISON_SUFFIX)] if name.endswith(COMPARISON_SUFFIX) else None
+
+
+def algorithms_in(df: pd.DataFrame, comparisons: bool = False) -> list[str]:
+    """The algorithms of a table in order of first appearance: those with rows of their own
+    (``comparisons=False``), or those compared with BPTT in GDU rows (``comparisons=True``)."""
+    if "algorithm" not in df or df.empty:
+        return []
+    names = dict.fromkeys(str(a) for a in df["algorithm"])
+    if comparisons:
+        return [a for a in (compared_algorithm(n) for n in names) if a]
+    return [n for n in names if n and compared_algorithm(n) is None]
+
+
+def algorithm_label(name: str) -> str:
+    """How reports write an algorithm: its name in capitals (``ep`` → EP, ``bptt`` → BPTT)."""
+    return str(name).upper()
+
+
+INT_COLUMNS = ["n_out", "T", "K", "epochs", "batch_size", "trial", "seed", "epoch", "t", "unit"]
 
 TABLE_PARQUET = "results.parquet"
 TABLE_CSV = "results.csv.gz"
@@ -250,10 +290,29 @@ def read_table(run_dir: str | os.PathLike) -> pd.DataFrame:
     if "alternate" not in frame:  # tables written before the column existed
         frame.insert(frame.columns.get_loc("symmetric") + 1 if "symmetric" in frame else len(frame.columns),
                      "alternate", False)
+    if "n_out" not in frame or "hidden" not in frame:  # tables written before the columns existed
+        at = frame.columns.get_loc("model_desc") + 1 if "model_desc" in frame else len(frame.columns)
+        arch = [legacy_architecture(d) for d in (frame["model_desc"] if "model_desc" in frame else [""] * len(frame))]
+        if "n_out" not in frame:
+            frame.insert(at, "n_out", [n for _, n in arch])
+        if "hidden" not in frame:
+            frame.insert(at, "hidden", [h for h, _ in arch])
     if "status" not in frame:  # tables written before the column existed: no verdict recorded
         frame.insert(frame.columns.get_loc("value") + 1 if "value" in frame else len(frame.columns), "status", "")
     frame["status"] = ["" if pd.isna(v) else str(v) for v in frame["status"]]
     return frame
+
+
+def legacy_architecture(model_desc) -> tuple[str, int]:
+    """(hidden, n_out) of a table written before those columns, from its ``model_desc``
+    ('p 784-512-10 ...': hidden '512', n_out 10; pconv: the channels, n_out 10)."""
+    parts = str(model_desc).split()
+    if len(parts) > 2 and parts[0] == "pconv" and parts[1] == "conv":
+        return parts[2], 10
+    sizes = parts[1].split("-") if len(parts) > 1 else []
+    if len(sizes) < 2 or not all(v.isdigit() for v in sizes):
+        return "", 10
+    return "-".join(reversed(sizes[1:-1])), int(sizes[-1])
 
 
 def has_table(run_dir: str | os.PathLike) -> bool:

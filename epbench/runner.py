@@ -2,11 +2,12 @@
 
 The two tasks:
 
-* ``gdu``: at initialisation, on one mini-batch, compare the EP processes ΔEP(t) with
-  −∇BPTT(t) (t = 0..K) layer by layer: RelMSE (eq. 67), sign agreement and cosine of the
-  cumulative updates, and the first-phase convergence.
-* ``train``: EP and BPTT from the same initial weights (per trial), per-epoch online train
-  error and test error, and a verdict per trial and algorithm (:func:`train_status`).
+* ``gdu``: at initialisation, on one mini-batch, compare each algorithm's per-step processes
+  (EP's ΔEP(t), ...) with BPTT's (t = 0..K) layer by layer: RelMSE (eq. 67), sign agreement and
+  cosine of the cumulative updates, and the first-phase convergence.
+* ``train``: every algorithm of the experiment from the same initial weights (per trial),
+  per-epoch online train error and test error, and a verdict per trial and algorithm
+  (:func:`epbench.training.train_status`).
 
 Everything a run needs (backend, data, every experiment's settings, a writable ``--out`` with
 room for the output) is checked by :func:`plan_run` before the run directory exists.
@@ -23,13 +24,14 @@ from typing import Callable
 
 import numpy as np
 
-from epbench import __version__, hardware, metrics
+from epbench import __version__, compute, hardware, metrics, training
 from epbench.backend import Availability, Backend
 from epbench.errors import BackendUnavailable, EpbenchError, signal_number
-from epbench.results import (BYTES_PER_FIGURE, BYTES_PER_ROW, COMPLETE, FAILED, INTERRUPTED, RUNNING,
-                             check_output_dir, fs_error, git_provenance, new_run_dir, this_process, to_frame,
+from epbench.results import (BYTES_PER_FIGURE, BYTES_PER_ROW, COMPLETE, FAILED, INTERRUPTED, REFERENCE, RUNNING,
+                             check_output_dir, comparison_name, fs_error, git_provenance, new_run_dir, this_process, to_frame,
                              write_meta, write_table)
-from epbench.suites import QUICK, Experiment, Suite, expand_sweeps
+from epbench.suites import QUICK, Experiment, Suite, check_algorithms, expand_sweeps
+from epbench.training import EXPLODE_FACTOR, _max_abs, status_text, train_status
 
 SYNTHETIC = "synthetic"
 
@@ -136,30 +138,50 @@ def _sample_units(bptt: np.ndarray, n: int) -> np.ndarray:
     return np.sort(np.argsort(-rms, kind="stable")[:n])
 
 
-def gdu_rows(procs, spec, units: int) -> list[dict]:
-    """Metric rows comparing ΔEP with −∇BPTT for every layer and parameter."""
+def gdu_algorithms(exp: Experiment) -> tuple[str, ...]:
+    """The algorithms whose processes a GDU experiment compares with BPTT's (BPTT aside)."""
+    return tuple(a for a in exp.algorithms if a != REFERENCE)
+
+
+def _process_pairs(procs, spec, algorithm: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(layer, the algorithm's process, BPTT's process times the algorithm's sign) per neuron
+    layer and parameter: the two curves that agree when the algorithm estimates BPTT."""
+    mine, ref = procs.processes[algorithm], procs.processes[REFERENCE]
+    sign = mine.sign
+    pairs = [(name, mine.s[i], sign * ref.s[i]) for i, name in enumerate(spec.state_names)]
+    pairs += [(name, mine.theta[name], sign * ref.theta[name]) for name in spec.param_shapes]
+    return pairs
+
+
+def gdu_rows(procs, spec, units: int, algorithms: tuple[str, ...] | None = None) -> list[dict]:
+    """Metric rows comparing each algorithm's processes with BPTT's (``sign``·∇BPTT: −∇BPTT for
+    EP's ΔEP) for every layer and parameter (``algorithm`` = ``<name>_vs_bptt``), and the
+    process samples of each algorithm and of BPTT: the units of largest BPTT RMS, BPTT's
+    drawn with the first compared algorithm's sign (−∇BPTT beside ΔEP)."""
+    if algorithms is None:
+        algorithms = tuple(a for a in procs.processes if a != REFERENCE)
     rows: list[dict] = []
-    pairs = [(name, procs.ep_s[i], -procs.bptt_s[i]) for i, name in enumerate(spec.state_names)]
-    pairs += [(name, procs.ep_theta[name], -procs.bptt_theta[name]) for name in spec.param_shapes]
-    for layer, ep, bp in pairs:
-        quantity = _layer_quantity(layer)
-        base = {"algorithm": "ep_vs_bptt", "layer": layer, "quantity": quantity}
-        same, both_zero = metrics.sign_agreement(ep.sum(axis=0), bp.sum(axis=0))
-        rows += [
-            {**base, "metric": "relmse", "value": metrics.relmse(ep, bp)},
-            {**base, "metric": "sign_agreement", "value": same},
-            {**base, "metric": "sign_both_zero", "value": both_zero},
-            {**base, "metric": "cosine", "value": metrics.cosine(ep.sum(axis=0), bp.sum(axis=0))},
-        ]
-        idx = _sample_units(bp, units)
-        ep_flat, bp_flat = ep.reshape(ep.shape[0], -1), bp.reshape(bp.shape[0], -1)
-        for unit in idx:
-            for t in range(ep.shape[0]):
-                rows.append({"algorithm": "ep", "metric": "process", "layer": layer, "quantity": quantity,
-                             "t": t, "unit": int(unit), "value": float(ep_flat[t, unit])})
-                rows.append({"algorithm": "bptt", "metric": "process", "layer": layer, "quantity": quantity,
-                             "t": t, "unit": int(unit), "value": float(bp_flat[t, unit])})
-    rows.append({"algorithm": "ep", "metric": "convergence", "layer": "all", "value": procs.convergence})
+    for n, algorithm in enumerate(algorithms):
+        for layer, mine, bp in _process_pairs(procs, spec, algorithm):
+            quantity = _layer_quantity(layer)
+            base = {"algorithm": comparison_name(algorithm), "layer": layer, "quantity": quantity}
+            same, both_zero = metrics.sign_agreement(mine.sum(axis=0), bp.sum(axis=0))
+            rows += [
+                {**base, "metric": "relmse", "value": metrics.relmse(mine, bp)},
+                {**base, "metric": "sign_agreement", "value": same},
+                {**base, "metric": "sign_both_zero", "value": both_zero},
+                {**base, "metric": "cosine", "value": metrics.cosine(mine.sum(axis=0), bp.sum(axis=0))},
+            ]
+            idx = _sample_units(bp, units)
+            mine_flat, bp_flat = mine.reshape(mine.shape[0], -1), bp.reshape(bp.shape[0], -1)
+            drawn = [(algorithm, mine_flat)] + ([(REFERENCE, bp_flat)] if n == 0 else [])
+            for unit in idx:
+                for t in range(mine.shape[0]):
+                    for name, flat in drawn:
+                        rows.append({"algorithm": name, "metric": "process", "layer": layer, "quantity": quantity,
+                                     "t": t, "unit": int(unit), "value": float(flat[t, unit])})
+    rows.append({"algorithm": REFERENCE if not algorithms else algorithms[0], "metric": "convergence",
+                 "layer": "all", "value": procs.convergence})
     return rows
 
 
@@ -203,7 +225,7 @@ def _timed_gdu(backend: Backend, exp: Experiment, params, x, y):
     """(processes, run seconds): the backend's own ``run_s`` (compilation excluded) if it
     reports one, else the wall time of the call."""
     start = time.perf_counter()
-    procs = backend.gdu(exp.model, params, x, y, exp.phase)
+    procs = compute.gdu(backend, exp.model, params, x, y, exp.phase, algorithms=gdu_algorithms(exp))
     elapsed = time.perf_counter() - start
     return procs, float(procs.timings.get("run_s", elapsed))
 
@@ -228,7 +250,7 @@ def run_gdu(backend: Backend, exp: Experiment, trial: int, data: DataCache) -> l
     x, y = gdu_batch(exp, seed, data)
     procs, first_run_s = _timed_gdu(backend, exp, params, x, y)
     run_s = _gdu_run_s(backend, exp, params, x, y, first_run_s)
-    rows = gdu_rows(procs, exp.model, exp.process_units)
+    rows = gdu_rows(procs, exp.model, exp.process_units, gdu_algorithms(exp))
     status = "ok" if all(math.isfinite(row["value"]) for row in rows) else "diverged"
     for row in rows:
         row.setdefault("compile_s", procs.timings.get("compile_s", 0.0))
@@ -237,52 +259,14 @@ def run_gdu(backend: Backend, exp: Experiment, trial: int, data: DataCache) -> l
     return rows
 
 
-# ----- the verdict on a training trial ----------------------------------------------------------
-#: percentage points below chance-level error (100·(1 − 1/n_classes)) that still count as chance.
-#: A network that predicts one class scores 100 − that class's share: 88.6-91.1 % on MNIST's test
-#: set (class shares 8.9-11.4 %), 90 % on mnist-5k; random guessing on 500 test images is 90 ± 1.3
-#: (one std). Measured (torch-cpu, float32, seed 0, P-1h and EB-1h of Table 4, two epochs on 1000
-#: mnist-5k training images, 500 test images): at the Table 4 rates test error 16-29 %, at 100x
-#: those rates exactly 90.0 % for both models and both algorithms.
-CHANCE_MARGIN = 5.0
-#: a parameter whose magnitude grows beyond this many times the largest initial one has exploded.
-#: Same measurement: at the Table 4 rates the largest magnitude grows 1.3x in two epochs; at 1000x
-#: the rates it grows 110-1600x (EP and BPTT, both models), every unit saturated (σ'(10) ≈ 5e-5)
-#: with no NaN or inf for the backend to see.
-EXPLODE_FACTOR = 100.0
-
-
-def chance_threshold(n_classes: int) -> float:
-    """Test error (%) at or above which a trial is at chance level: 100·(1 − 1/n) − CHANCE_MARGIN."""
-    return 100.0 * (1.0 - 1.0 / n_classes) - CHANCE_MARGIN
-
-
-def _max_abs(params: dict) -> float:
-    """max |θ| over every element of every parameter (NumPy arrays)."""
-    return max((float(np.max(np.abs(v))) for v in params.values() if np.size(v)), default=0.0)
-
-
-def train_status(diverged: bool, exploded: bool, final_test_error: float, n_classes: int) -> str:
-    """The verdict on one trial × algorithm after its last epoch, first that applies:
-    ``diverged`` (the backend met NaN/inf in the states or parameters), ``exploded`` (a
-    parameter's magnitude beyond EXPLODE_FACTOR × the largest initial one), ``chance`` (final
-    test error ≥ :func:`chance_threshold`), else ``ok``."""
-    if diverged or not math.isfinite(final_test_error):
-        return "diverged"
-    if exploded:
-        return "exploded"
-    if final_test_error >= chance_threshold(n_classes):
-        return "chance"
-    return "ok"
-
-
 def run_train(backend: Backend, exp: Experiment, data: DataCache, progress: Progress) -> list[list[dict]]:
     """Every trial of a training experiment, epoch by epoch, all trials together through
-    ``backend.train_epochs`` (a backend may batch them): for each algorithm, each trial starts
-    from its own seed's parameters (the same for EP and BPTT) and shuffles with its own seed.
-    A trial stops when the backend reports NaN/inf or its parameters explode (checked on the
-    NumPy side after each epoch, :data:`EXPLODE_FACTOR`); every row of a trial × algorithm gets
-    its :func:`train_status`. Returns the rows of each trial."""
+    :func:`epbench.training.train_epochs` (a backend may batch them): for each algorithm, each
+    trial starts from its own seed's parameters (the same for every algorithm) and shuffles with
+    its own seed. A trial stops when the states or parameters turn NaN/inf or its parameters
+    explode (checked on the NumPy side after each epoch, :data:`epbench.training.EXPLODE_FACTOR`);
+    every row of a trial × algorithm gets its :func:`epbench.training.train_status`. Returns the
+    rows of each trial."""
     from epbench.datasets import epoch_order
 
     spec, train = exp.model, exp.train
@@ -303,11 +287,12 @@ def run_train(backend: Backend, exp: Experiment, data: DataCache, progress: Prog
         for epoch in range(1, train.epochs + 1):
             orders = [epoch_order(x_train.shape[0], seeds[t] * 1_000_003 + epoch) for t in live]
             start = time.perf_counter()
-            results = backend.train_epochs(spec, [params[t] for t in live], [x_train[o] for o in orders],
-                                           [y_train[o] for o in orders], exp.phase, train, algorithm)
+            results = training.train_epochs(backend, spec, [params[t] for t in live], [x_train[o] for o in orders],
+                                            [y_train[o] for o in orders], exp.phase, train, algorithm)
             for t, result in zip(live, results):
                 params[t] = result.params
-            tests = [float("nan") if r.diverged else backend.evaluate(spec, r.params, x_test, y_test, exp.phase.T)
+            tests = [float("nan") if r.diverged else training.evaluate(backend, spec, r.params, x_test, y_test,
+                                                                        exp.phase.T)
                      for r in results]
             backend.synchronize()
             elapsed = (time.perf_counter() - start) / len(live)  # each trial's share
@@ -340,23 +325,12 @@ def run_train(backend: Backend, exp: Experiment, data: DataCache, progress: Prog
     return rows
 
 
-def status_text(status: str, n_classes: int = 10) -> str:
-    """The rule behind a verdict of :func:`train_status`, with its threshold (messages, report)."""
-    return {
-        "ok": "none of the rules below",
-        "diverged": "NaN or inf in the states or parameters",
-        "exploded": f"a parameter grew beyond {EXPLODE_FACTOR:g}x the largest initial magnitude",
-        "chance": f"final test error ≥ {chance_threshold(n_classes):g} % (chance: "
-                  f"{100 * (1 - 1 / n_classes):g} % for {n_classes} classes)",
-    }.get(status, status)
-
-
-# ----- the run -----------------------------------------------------------------------------
 def experiment_columns(exp: Experiment, trial: int) -> dict:
     spec = exp.model
     return {
         "experiment": exp.name, "task": exp.task, "model": spec.kind, "model_desc": spec.describe(),
-        "activation": spec.activation, "dt": spec.step,
+        "hidden": "-".join(str(n) for n in (spec.channels if spec.kind == "pconv" else spec.hidden)),
+        "n_out": spec.n_out, "activation": spec.activation, "dt": spec.step,
         "lrs": "-".join(f"{lr:g}" for lr in exp.train.lrs) if exp.train else "",
         "flavor": spec.flavor, "dataset": exp.dataset, "dtype": exp.dtype, "T": exp.phase.T,
         "K": exp.phase.K, "beta": exp.phase.beta, "symmetric": exp.phase.symmetric,
@@ -421,8 +395,8 @@ def check_experiment(exp: Experiment, data: DataCache) -> None:
 
 
 def estimate_output_bytes(experiments: list[Experiment]) -> int:
-    """An upper estimate of a run's output: its table rows (gdu: 4 metrics per layer and
-    parameter, the sampled processes, the convergence; train: 4 metrics per trial, algorithm
+    """An upper estimate of a run's output: its table rows (gdu: 4 metrics per layer,
+    parameter and compared algorithm, the sampled processes of each and of BPTT, the convergence; train: 4 metrics per trial, algorithm
     and epoch) at BYTES_PER_ROW; figures at BYTES_PER_FIGURE: the RelMSE bars and the training
     curves, and per GDU experiment and flavour its processes and (for a β sweep) its Theorem 1
     plot; and 1 MiB for the report, meta.json and suite.yaml."""
@@ -431,7 +405,8 @@ def estimate_output_bytes(experiments: list[Experiment]) -> int:
         spec = exp.model
         if exp.task == "gdu":
             layers = len(spec.state_names) + len(spec.param_shapes)
-            rows += exp.trials * (layers * (4 + 2 * exp.process_units * (exp.phase.K + 1)) + 1)
+            n = len(gdu_algorithms(exp))
+            rows += exp.trials * (layers * (4 * n + (n + 1) * exp.process_units * (exp.phase.K + 1)) + 1)
         else:
             rows += exp.trials * len(exp.algorithms) * exp.train.epochs * 4
     gdu = [e for e in experiments if e.task == "gdu"]
@@ -441,10 +416,12 @@ def estimate_output_bytes(experiments: list[Experiment]) -> int:
 
 
 def plan_run(suite: Suite, opts: RunOptions) -> RunPlan:
-    """Check everything a run needs before its directory exists: the backend is available, the
+    """Check everything a run needs before its directory exists: the algorithms are registered
+    (:func:`epbench.suites.check_algorithms`), the backend is available, the
     options apply (``--only`` names exist), every runnable experiment's data loads and fits it
     (:func:`check_experiment`), and ``--out`` is writable with room for the estimated output
     (:func:`estimate_output_bytes`). Raises :class:`EpbenchError`; writes nothing."""
+    check_algorithms(suite)
     backend = resolve_backend(opts.backend)
     avail = backend.availability(probe=True)
     cpu = "cpu" in (avail.device or "cpu").lower()
@@ -452,7 +429,7 @@ def plan_run(suite: Suite, opts: RunOptions) -> RunPlan:
     runnable = []
     for exp in experiments:
         reason = backend.supports(exp.model, exp.dtype)
-        if not reason and exp.phase.alternate and not backend.capabilities.alternate:
+        if not reason and exp.phase.alternate and not getattr(backend.capabilities, "alternate", True):
             reason = f"{backend.name} does not implement phase.alternate"
         if reason:
             skipped.append({"experiment": exp.name, "reason": reason})

@@ -188,7 +188,31 @@ def build_suite(raw: dict, path: str, assignments: list[tuple[str, Any]] = ()) -
     except ValidationError as err:
         raise EpbenchError(_format_error(path, err, raw)) from None
     check_unique_names(suite, path)
+    check_algorithms(suite, path)
     return suite
+
+
+def check_algorithms(suite: Suite, path: str = "<suite>") -> None:
+    """Every experiment's algorithms are registered (``epbench_algorithms`` hook), and those of
+    a GDU experiment other than BPTT, the reference, have per-step processes to compare."""
+    from epbench.plugins import algorithms, unknown_name_message
+
+    known = algorithms()
+    for position, exp in enumerate(suite.experiments):
+        where = f"{path}: experiments[{position}] ({exp.name}): algorithms"
+        for name in exp.algorithms:
+            if name not in known:
+                raise EpbenchError(f"{where}: {unknown_name_message('algorithm', name, known)}")
+            if exp.task == "gdu" and name != "bptt" and not has_processes(known[name]):
+                raise EpbenchError(f"{where}: algorithm '{name}' has no per-step processes for the GDU "
+                                   "comparison (train experiments only)")
+
+
+def has_processes(algorithm) -> bool:
+    """Whether an algorithm overrides :meth:`epbench.algorithms.Algorithm.processes`."""
+    from epbench.algorithms import Algorithm
+
+    return getattr(type(algorithm), "processes", Algorithm.processes) is not Algorithm.processes
 
 
 def check_unique_names(suite: Suite, path: str) -> None:

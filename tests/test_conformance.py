@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import epbench.testing as kit
+from epbench.spec import ModelSpec
 from conftest import load_backend, selected_backends
 
 HAVE_NUMPY_PLUGIN = importlib.util.find_spec("epbench_numpy") is not None
@@ -57,7 +58,8 @@ def test_numpy_plugin_is_registered(monkeypatch):
     monkeypatch.delenv("EPBENCH_DISABLE_PLUGINS", raising=False)
     backends = build_registry().backends
     assert "numpy" in backends
-    assert backends["numpy"].capabilities.kinds == ("eb", "p")
+    numpy = backends["numpy"]
+    assert not numpy.capabilities.autodiff and numpy.supports(ModelSpec(kind="pconv"), "float64")
 
 
 # ----- deliberately wrong backends -------------------------------------------------------------

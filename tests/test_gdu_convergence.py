@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from epbench import compute
 from epbench.convergence import DRIFT_SHARE, converged, drift_ratio
 from epbench.report import render_report, summarize_gdu, summarize_theorem1
 from epbench.results import read_table, to_frame
-from epbench.runner import DataCache, RunOptions, experiment_columns, gdu_batch, gdu_rows, run_suite
+from epbench.runner import DataCache, RunOptions, experiment_columns, gdu_algorithms, gdu_batch, gdu_rows, run_suite
 from epbench.suites import expand_sweeps, load_suite
 
 from conftest import load_backend
@@ -105,8 +106,8 @@ def _measure(suite_path: Path, assignments, only, backend: str = "torch-cpu"):
     for exp in expand_sweeps([e for e in suite.experiments if e.name in only]):
         params = be.from_numpy(exp.model, be.init_params(exp.model, exp.seed), exp.dtype)
         x, y = gdu_batch(exp, exp.seed, data)
-        procs = be.gdu(exp.model, params, x, y, exp.phase)
-        rows += [{**experiment_columns(exp, 0), **row} for row in gdu_rows(procs, exp.model, 0)]
+        procs = compute.gdu(be, exp.model, params, x, y, exp.phase, algorithms=gdu_algorithms(exp))
+        rows += [{**experiment_columns(exp, 0), **row} for row in gdu_rows(procs, exp.model, 0, gdu_algorithms(exp))]
     return to_frame(rows)
 
 

@@ -22,9 +22,17 @@ EP_FINAL = [2.0, 2.2, 2.4]
 BPTT_FINAL = [2.1, 2.1, 2.4]
 
 
+def _model_columns(desc):
+    """The model columns the runner writes beside ``model_desc`` (``experiment_columns``)."""
+    kind, arch, activation, dt, _ = desc.split()
+    sizes = arch.split("-")
+    return dict(model_desc=desc, hidden="-".join(reversed(sizes[1:-1])), n_out=int(sizes[-1]),
+                activation=activation, dt=float(dt.removeprefix("dt=")))
+
+
 def _gdu_rows(exp, model, desc, flavor, T, K, beta, rel, trials=2, symmetric=False, processes=True, B=20):
     rows = []
-    base = dict(PROV, experiment=exp, task="gdu", model=model, model_desc=desc, flavor=flavor, dataset="mnist",
+    base = dict(PROV, experiment=exp, task="gdu", model=model, **_model_columns(desc), flavor=flavor, dataset="mnist",
                 dtype="float64", T=T, K=K, beta=beta, symmetric=symmetric, batch_size=B)
     for trial in range(trials):
         common = dict(base, trial=trial, seed=trial, compile_s=0.5, run_s=1.0, wall_time_s=3.0)
@@ -53,7 +61,7 @@ def _gdu_rows(exp, model, desc, flavor, T, K, beta, rel, trials=2, symmetric=Fal
 
 def _train_rows(exp, final_ep, final_bptt, epochs=3):
     rows = []
-    base = dict(PROV, experiment=exp, task="train", model="eb", model_desc="eb 784-512-10 sigmoid dt=0.2 paper",
+    base = dict(PROV, experiment=exp, task="train", model="eb", **_model_columns("eb 784-512-10 sigmoid dt=0.2 paper"),
                 flavor="paper", dataset="mnist-5k", dtype="float32", T=100, K=12, beta=0.5, epochs=epochs,
                 batch_size=20)
     for algo, finals in (("ep", final_ep), ("bptt", final_bptt)):
@@ -312,8 +320,12 @@ def test_report_uses_only_table_numbers(tmp_path, frame):
 
 
 def test_csv_fallback_and_missing_algorithm(tmp_path, frame):
-    """A run holding only results.csv (empty strings read back as NaN) still summarizes."""
-    df = frame[~((frame["task"] == "train") & (frame["algorithm"] == "bptt"))]
+    """A run holding only results.csv (empty strings read back as NaN) still summarizes; an
+    experiment that did not train an algorithm of the table has none of its trials."""
+    import pandas as pd
+
+    other = to_frame(_train_rows("eb-1h-other", EP_FINAL, BPTT_FINAL))
+    df = pd.concat([frame[~((frame["task"] == "train") & (frame["algorithm"] == "bptt"))], other])
     (tmp_path / "results.csv").write_text(df.to_csv(index=False))
     back = read_table(tmp_path)
     train = summarize_training(back).set_index("experiment").loc["eb-1h-train"]

@@ -23,7 +23,7 @@ against finite differences through ``step_function``), Σ_t ep_theta(t) = ep_upd
 phase and ep_update rebuilt from ``step_function`` and ``phi``, the Theorem-1 β-sweep in float64,
 training and evaluation, and agreement with a reference backend (``torch-cpu`` by default):
 1e-10 in float64, 1e-4 in float32, norm-relative per array. What a backend does not declare
-(a model kind, a flavour, a dtype, an activation, the optional ``step_function``/``phi``) is
+(a model kind, a flavour, a dtype, an activation) is
 skipped with the reason, never failed.
 """
 

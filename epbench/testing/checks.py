@@ -18,9 +18,11 @@ from typing import Callable
 
 import numpy as np
 
-from epbench.backend import Availability, Backend, Capabilities, EpochResult, GDUProcesses
+from epbench import compute, training
+from epbench.backend import Availability, Backend, Capabilities
+from epbench.training import EpochResult
 from epbench.metrics import error_rate, relmse
-from epbench.spec import Activation, DType, Flavor, ModelKind, ModelSpec, TrainSettings, alternation_problem
+from epbench.spec import Activation, DType, Flavor, ModelSpec, TrainSettings, alternation_problem
 from epbench.testing.cases import CASES, PARAM_SEED, THEOREM_BETAS, THEOREM_PHASE, Case
 from epbench.testing.report import FAILED, PASSED, SKIPPED, CheckResult
 
@@ -35,8 +37,76 @@ STEP_PHI_DIRECTIONS = 4
 #: Theorem 1: allowed log-log slope of RelMSE(β) and the largest RelMSE at the smallest β
 SLOPE_RANGE, THEOREM_MAX = (0.8, 1.2), 1e-3
 
-REQUIRED_METHODS = ("availability", "from_numpy", "to_numpy", "first_phase", "ep_update", "bptt_grad",
-                    "gdu", "train_epoch", "evaluate")
+REQUIRED_METHODS = ("availability", "from_numpy", "to_numpy", "cast", "dtype_of", "asarray", "dynamics", "run",
+                    "synchronize", "pop_implementation")
+
+
+# ----- the core's computations on a backend, under the names the checks use ---------------------
+class GDUView:
+    """A :class:`epbench.compute.GDUProcesses` of EP and BPTT as the checks read it: ``ep_s`` /
+    ``ep_theta`` (ΔEP), ``bptt_s`` / ``bptt_theta`` (∇BPTT), ``s_free``, ``convergence``."""
+
+    def __init__(self, procs: compute.GDUProcesses):
+        self.procs = procs
+        self.ep_s, self.ep_theta = procs.processes["ep"].s, procs.processes["ep"].theta
+        self.bptt_s, self.bptt_theta = procs.processes["bptt"].s, procs.processes["bptt"].theta
+        self.s_free, self.convergence, self.timings = procs.s_free, procs.convergence, procs.timings
+
+
+class Core:
+    """The core's computations (:mod:`epbench.compute`, :mod:`epbench.training`) run on one
+    backend: ``ep_update`` = Δθ of eq. 10 (−EP's gradient estimate), ``bptt_grad`` = ∂L/∂θ by
+    Prop. 4, ``gdu``, ``first_phase``, ``step_function``, ``phi``, ``train_epoch(s)``,
+    ``evaluate``; every other attribute is the backend's."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def first_phase(self, spec, params, x, T):
+        return compute.first_phase(self.backend, spec, params, x, T)
+
+    def ep_update(self, spec, params, x, y, phase):
+        return {k: -v for k, v in compute.gradient(self.backend, spec, params, x, y, phase, "ep").items()}
+
+    def bptt_grad(self, spec, params, x, y, phase):
+        return compute.gradient(self.backend, spec, params, x, y, phase, "bptt")
+
+    def gdu(self, spec, params, x, y, phase):
+        return GDUView(compute.gdu(self.backend, spec, params, x, y, phase, algorithms=("ep",)))
+
+    def step_function(self, spec, params, x, states):
+        return compute.step_function(self.backend, spec, params, x, states)
+
+    def phi(self, spec, params, x, states):
+        return compute.phi(self.backend, spec, params, x, states)
+
+    def train_epochs(self, spec, params, xs, labels, phase, train, algorithm):
+        return training.train_epochs(self.backend, spec, params, xs, labels, phase, train, algorithm)
+
+    def train_epoch(self, spec, params, x, labels, phase, train, algorithm):
+        return self.train_epochs(spec, [params], [x], [labels], phase, train, algorithm)[0]
+
+    def evaluate(self, spec, params, x, labels, T, batch_size=1000):
+        return training.evaluate(self.backend, spec, params, x, labels, T, batch_size)
+
+
+def core(backend: Backend) -> Core:
+    return backend if isinstance(backend, Core) else Core(backend)
+
+
+def _model_kinds() -> tuple[str, ...]:
+    """The registered model kinds (``epbench_models`` hook)."""
+    from epbench.plugins import models
+
+    return tuple(models())
+
+
+def _declared_kinds(caps: Capabilities) -> tuple[str, ...]:
+    """The model kinds a backend declares (``None``: every registered one)."""
+    return _model_kinds() if caps.kinds is None else tuple(caps.kinds)
 
 
 class SkipCheck(Exception):
@@ -168,9 +238,9 @@ class Context:
         params = self.native(out, who, case, dtype)
         out.doing = f"{who.name}.{method}"
         if method == "first_phase":
-            result = who.first_phase(spec, params, x, extra.get("T", case.T))
+            result = core(who).first_phase(spec, params, x, extra.get("T", case.T))
         else:
-            result = getattr(who, method)(spec, params, x, y, phase)
+            result = getattr(core(who), method)(spec, params, x, y, phase)
         out.doing = ""
         if cached:
             self._cache[key] = result
@@ -212,7 +282,7 @@ def _need_float64(ctx: Context, unit: Unit) -> None:
 
 
 class _Dynamics:
-    """The backend's own step_function and phi, composed in float64 for finite differences.
+    """The core's step_function and phi on the backend, composed in float64 for finite differences.
 
     One step of the first phase is ``step_function`` followed by the clip to [0, 1] when
     ``spec.clamp`` (harmless if the backend's step_function already clips). Samples are
@@ -227,7 +297,7 @@ class _Dynamics:
         self.backend = ctx.backend
         self.params = self.native(case.params())
         out.doing = f"{self.backend.name}.step_function"
-        probe = self.backend.step_function(self.spec, self.params, self.x, self.zeros())
+        probe = core(self.backend).step_function(self.spec, self.params, self.x, self.zeros())
         if probe is None:
             raise SkipCheck(f"{self.backend.name} does not provide the optional step_function")
 
@@ -245,7 +315,7 @@ class _Dynamics:
         n = len(s[0])
         x = self.tiled_x(n // self.B)
         self.out.doing = f"{self.backend.name}.step_function"
-        new = self.backend.step_function(self.spec, self.params if params is None else params, x, s)
+        new = core(self.backend).step_function(self.spec, self.params if params is None else params, x, s)
         new = _states(self.spec, new, n, "step_function")
         return [np.clip(a, 0.0, 1.0) for a in new] if self.spec.clamp else new
 
@@ -266,7 +336,7 @@ class _Dynamics:
 
     def phi(self, s, params=None) -> float:
         self.out.doing = f"{self.backend.name}.phi"
-        value = self.backend.phi(self.spec, self.params if params is None else params, self.x, s)
+        value = core(self.backend).phi(self.spec, self.params if params is None else params, self.x, s)
         if value is None:
             raise SkipCheck(f"{self.backend.name} does not provide the optional phi")
         return float(value)
@@ -280,7 +350,7 @@ class _Dynamics:
 
 def _trajectory_if_any(ctx: Context, out: Recorder, case: Case, dtype: str):
     """The float64 step_function trajectory [s_0, ..., s_T], or None where there is none."""
-    if dtype != "float64" or getattr(type(ctx.backend), "step_function") is Backend.step_function:
+    if dtype != "float64":
         return None
     try:
         return _Dynamics(ctx, out, case).trajectory(case.T)
@@ -318,13 +388,13 @@ def check_contract(ctx: Context, unit: Unit, out: Recorder) -> None:
     for method in REQUIRED_METHODS:
         fn = getattr(b, method, None)
         out.expect(callable(fn), method, f"{method} is callable")
-    for method in ("step_function", "phi"):
-        overridden = getattr(type(b), method, None) is not getattr(Backend, method)
-        if overridden:
-            out.ok(method, f"provides the optional {method}")
-        else:
-            out.skip(f"does not provide the optional {method}: the finite-difference checks will skip",
-                     method)
+    try:
+        from epbench.ops import Ops
+
+        ops = b.ops
+        out.expect(isinstance(ops, Ops), "ops", f"ops is {type(ops).__name__}, an epbench.ops.Ops")
+    except Exception as exc:  # noqa: BLE001
+        out.fail("ops", f"the ops property raised {type(exc).__name__}: {exc}")
     name_ok = isinstance(b.name, str) and bool(b.name) and not any(c.isspace() for c in b.name)
     out.expect(name_ok, "name", f"name {b.name!r} is a non-empty string without spaces")
     if ctx.registered_name:
@@ -335,10 +405,11 @@ def check_contract(ctx: Context, unit: Unit, out: Recorder) -> None:
     if not isinstance(caps, Capabilities):
         out.fail("capabilities", f"capabilities is {type(caps).__name__}, expected epbench.backend.Capabilities")
         return
-    allowed = {"kinds": ModelKind, "flavors": Flavor, "dtypes": DType, "activations": Activation}
-    for field, literal in allowed.items():
-        values = tuple(getattr(caps, field))
-        legal = set(typing.get_args(literal))
+    allowed = {"kinds": _model_kinds(), "flavors": typing.get_args(Flavor), "dtypes": typing.get_args(DType),
+               "activations": typing.get_args(Activation)}
+    for field, names in allowed.items():
+        values = tuple(_declared_kinds(caps) if field == "kinds" else getattr(caps, field))
+        legal = set(names)
         bad = [v for v in values if v not in legal]
         out.expect(bool(values) and not bad, f"capabilities.{field}",
                    f"capabilities.{field} = {values}" + (f": unknown {bad}, allowed {sorted(legal)}" if bad else "")
@@ -406,17 +477,19 @@ def check_supports(ctx: Context, unit: Unit, out: Recorder) -> None:
     shapes = {"toy": dict(n_in=10, hidden=(12,), n_out=5), "eb": dict(n_in=20, hidden=(16,), n_out=5),
               "p": dict(n_in=20, hidden=(16, 16), n_out=5),
               "pconv": dict(n_in=196, n_out=10, channels=(2, 3), kernel=3)}
-    for kind in typing.get_args(ModelKind):
+    for kind in (k for k in _model_kinds() if k in shapes):
         for flavor in typing.get_args(Flavor):
             for act in typing.get_args(Activation):
                 spec = ModelSpec(kind=kind, flavor=flavor, activation=act, **shapes[kind])
                 for dtype in typing.get_args(DType):
-                    declared = (kind in caps.kinds and flavor in caps.flavors and dtype in caps.dtypes
+                    declared = (kind in _declared_kinds(caps) and flavor in caps.flavors and dtype in caps.dtypes
                                 and act in caps.activations)
                     out.doing = f"{b.name}.supports"
                     reason = b.supports(spec, dtype)
                     what = f"{kind}/{flavor}/{act}/{dtype}"
-                    if declared and reason is not None:
+                    # kinds=None: every registered model the primitives allow, so a kind may be refused
+                    undecided = caps.kinds is None and isinstance(reason, str) and bool(reason)
+                    if declared and reason is not None and not undecided:
                         problems += 1
                         out.fail(what, f"supports() rejects {what} although capabilities declare it: {reason}")
                     elif not declared and not (isinstance(reason, str) and reason):
@@ -481,8 +554,8 @@ def check_outputs(ctx: Context, unit: Unit, out: Recorder) -> None:
             out.expect(not bad, "", f"{method}: canonical names and shapes" + (f", non-finite in {bad}" if bad else
                                                                                ", finite"))
     g = ctx.call(out, b, "gdu", case, dtype, phase)
-    if not isinstance(g, GDUProcesses):
-        out.fail("", f"gdu returned {type(g).__name__}, expected epbench.backend.GDUProcesses")
+    if not isinstance(g.procs, compute.GDUProcesses):
+        out.fail("", f"gdu returned {type(g.procs).__name__}, expected epbench.compute.GDUProcesses")
         return
     for field in ("ep_s", "bptt_s", "s_free"):
         arrays = list(getattr(g, field))
@@ -549,11 +622,11 @@ def check_determinism(ctx: Context, unit: Unit, out: Recorder) -> None:
     for _ in range(2):
         native = b.from_numpy(spec, {k: np.array(v) for k, v in p1.items()}, dtype)
         out.doing = f"{b.name}.gdu"
-        g = b.gdu(spec, native, x, y, phase)
+        g = core(b).gdu(spec, native, x, y, phase)
         out.doing = f"{b.name}.ep_update"
-        e = b.ep_update(spec, native, x, y, phase)
+        e = core(b).ep_update(spec, native, x, y, phase)
         out.doing = f"{b.name}.bptt_grad"
-        bg = b.bptt_grad(spec, native, x, y, phase)
+        bg = core(b).bptt_grad(spec, native, x, y, phase)
         results.append((g, e, bg))
     (g1, e1, b1), (g2, e2, b2) = results
     for i in range(spec.n_layers):
@@ -615,7 +688,7 @@ def check_step_phi(ctx: Context, unit: Unit, out: Recorder) -> None:
     lo, hi = (0.05, 0.95) if spec.activation == "hard_sigmoid" else (-0.6, 1.1)
     s = [rng.uniform(lo, hi, size=z.shape) for z in dyn.zeros()]
     out.doing = f"{ctx.backend.name}.step_function"
-    F = _states(spec, ctx.backend.step_function(spec, dyn.params, dyn.x, s), dyn.B, "step_function")
+    F = _states(spec, core(ctx.backend).step_function(spec, dyn.params, dyn.x, s), dyn.B, "step_function")
     h = spec.step
     for i in range(spec.n_layers):
         mask = np.ones_like(s[i], dtype=bool)
@@ -854,14 +927,14 @@ def check_train(ctx: Context, unit: Unit, out: Recorder) -> None:
             yb = np.eye(spec.n_out)[lb]
             native = b.from_numpy(spec, p, dtype)
             out.doing = f"{b.name}.first_phase"
-            s0 = _f64(b.first_phase(spec, native, xb, phase.T)[0])
+            s0 = _f64(core(b).first_phase(spec, native, xb, phase.T)[0])
             wrong += int(np.sum(np.argmax(s0, axis=1) != lb))
             out.doing = f"{b.name}.{method}"
-            d = getattr(b, method)(spec, native, xb, yb, phase)
+            d = getattr(core(b), method)(spec, native, xb, yb, phase)
             p = {k: (v + sign * lr[spec.param_layer(k)] * np.asarray(d[k])).astype(dtype) for k, v in p.items()}
         native = b.from_numpy(spec, p0, dtype)
         out.doing = f"{b.name}.train_epoch"
-        res = b.train_epoch(spec, native, x, labels, phase, train, algorithm)
+        res = core(b).train_epoch(spec, native, x, labels, phase, train, algorithm)
         if not isinstance(res, EpochResult):
             out.fail("", f"train_epoch returned {type(res).__name__}, expected EpochResult")
             continue
@@ -877,7 +950,7 @@ def check_train(ctx: Context, unit: Unit, out: Recorder) -> None:
         out.expect(abs(float(res.train_error) - want_err) < 1e-9, "train_error",
                    f"train_epoch ({algorithm}) train_error {res.train_error!r} vs {want_err} from first_phase")
         out.doing = f"{b.name}.train_epochs"
-        pair = b.train_epochs(spec, [b.from_numpy(spec, p0, dtype) for _ in range(2)], [x, x], [labels, labels],
+        pair = core(b).train_epochs(spec, [b.from_numpy(spec, p0, dtype) for _ in range(2)], [x, x], [labels, labels],
                               phase, train, algorithm)
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(r, EpochResult) for r in pair)):
             out.fail("train_epochs", f"train_epochs of 2 trials returned {pair!r:.80}, expected 2 EpochResults")
@@ -889,8 +962,8 @@ def check_train(ctx: Context, unit: Unit, out: Recorder) -> None:
                           f"train_epochs ({algorithm}) of two identical trials vs train_epoch")
     native = b.from_numpy(spec, p0, dtype)
     out.doing = f"{b.name}.evaluate"
-    err = b.evaluate(spec, native, x, labels, phase.T, batch_size=bs)
-    want = error_rate(np.concatenate([_f64(b.first_phase(spec, native, x[lo:lo + bs], phase.T)[0])
+    err = core(b).evaluate(spec, native, x, labels, phase.T, batch_size=bs)
+    want = error_rate(np.concatenate([_f64(core(b).first_phase(spec, native, x[lo:lo + bs], phase.T)[0])
                                       for lo in range(0, len(x), bs)]), labels)
     out.expect(abs(float(err) - want) < 1e-9, "evaluate",
                f"evaluate (batches of {bs}) = {err!r}, first_phase gives {want}")
@@ -899,7 +972,7 @@ def check_train(ctx: Context, unit: Unit, out: Recorder) -> None:
     bad[first] = bad[first].copy()
     bad[first].flat[0] = np.nan
     out.doing = f"{b.name}.train_epoch"
-    res = b.train_epoch(spec, b.from_numpy(spec, bad, dtype), x, labels, phase, train, "ep")
+    res = core(b).train_epoch(spec, b.from_numpy(spec, bad, dtype), x, labels, phase, train, "ep")
     out.expect(bool(getattr(res, "diverged", False)), "diverged",
                f"train_epoch with a NaN in {first}: diverged={getattr(res, 'diverged', None)!r} (expected True)")
 
@@ -910,7 +983,7 @@ def check_alternate(ctx: Context, unit: Unit, out: Recorder) -> None:
     alternation equals the synchronous bptt_grad (the loss sees one zig-zag half of the graph
     only), and ep_update under it returns finite canonical arrays."""
     b, case, dtype = ctx.backend, unit.case, unit.dtype
-    if not b.capabilities.alternate:
+    if not getattr(b.capabilities, "alternate", True):
         raise SkipCheck("capabilities do not declare alternate")
     sync = case.phase(dtype, T=case.T + case.T % 2, K=case.K + case.K % 2)
     alt = sync.model_copy(update={"alternate": True})
