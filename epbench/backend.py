@@ -81,6 +81,7 @@ class Dynamics(Protocol):
     def vjp(self, s, g) -> tuple: """(∂F/∂s(s)ᵀg, raw ∂F/∂θ(s)ᵀg): eqs 32-33 for one step."""
     def vjp_states(self, s, g): """∂F/∂s(s)ᵀg alone (eq. 32)."""
     def vjp_theta_sum(self, states, cots): """Σ_t raw ∂F/∂θ(s_t)ᵀg_t over stacked s_t, g_t."""
+    def zero_raw(self): """Raw cotangents that are all zero (the structure ``vjp`` returns)."""
     def theta_grad(self, raw, stacked: bool = False) -> dict:
         """raw cotangents (linear) → ∂/∂θ by canonical name; ``stacked``: along a leading time axis."""
     def dphi_increment(self, s, q, s_at=None, q_at=None, scale=1.0) -> dict:

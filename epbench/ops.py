@@ -62,10 +62,10 @@ class Ops:
     #: ``map(..., batched=True)`` is vectorised (``vmap``), not a loop
     vectorizes_maps: bool = False
 
-    def pullback_stacked(self, pullback, cotangents):
+    def pullback_stacked(self, pullback, cotangents, batched: bool = True):
         """``pullback`` (from :attr:`vjp`) applied to each cotangent of a stack (leading axis),
-        results stacked."""
-        return self.map(pullback, cotangents, batched=True)
+        results stacked (``batched``: as :meth:`map`)."""
+        return self.map(pullback, cotangents, batched=batched)
 
     def unroll(self, spec, free: bool) -> int:
         """Steps per loop iteration of a phase (compiling backends: fewer loop round trips)."""

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from epbench import compute, training
 from epbench.errors import BackendUnavailable
 from epbench.spec import ModelSpec, PhaseSettings, TrainSettings
 from conftest import SMALL_MODELS, load_backend
@@ -48,8 +49,8 @@ def test_float64_switch_does_not_leak(jb):
         pytest.skip("float64 is switched on globally in this process (JAX_ENABLE_X64)")
     p64 = jb.from_numpy(spec, jb.init_params(spec, 0), "float64")
     assert all(v.dtype == jnp.float64 for v in p64.values())
-    g = jb.gdu(spec, p64, x, y, PhaseSettings(T=10, K=3, beta=0.1, dtype="float64"))
-    assert g.s_free[0].dtype == np.float64 and g.ep_theta["W01"].dtype == np.float64
+    g = compute.gdu(jb, spec, p64, x, y, PhaseSettings(T=10, K=3, beta=0.1, dtype="float64"))
+    assert g.s_free[0].dtype == np.float64 and g.processes["ep"].theta["W01"].dtype == np.float64
     # the rest of the process still has JAX's float32 default
     assert not jax.config.jax_enable_x64
     assert jnp.ones(3).dtype == jnp.float32
@@ -57,10 +58,10 @@ def test_float64_switch_does_not_leak(jb):
     assert (jnp.ones(2, jnp.float32) * 2.0).dtype == jnp.float32
     # and a float32 call after a float64 one is float32 through and through
     p32 = jb.from_numpy(spec, jb.init_params(spec, 0), "float32")
-    assert jb.first_phase(spec, p32, x, 10)[0].dtype == np.float32
-    assert jb.ep_update(spec, p32, x, y, PhaseSettings(T=10, K=3, beta=0.1))["W01"].dtype == np.float32
+    assert compute.first_phase(jb, spec, p32, x, 10)[0].dtype == np.float32
+    assert compute.gradient(jb, spec, p32, x, y, PhaseSettings(T=10, K=3, beta=0.1), "ep")["W01"].dtype == np.float32
     # float64 parameters stay float64 between calls
-    assert jb.first_phase(spec, p64, x, 10)[0].dtype == np.float64
+    assert compute.first_phase(jb, spec, p64, x, 10)[0].dtype == np.float64
 
 
 def test_compile_time_is_reported_apart_from_run_time(jb):
@@ -68,16 +69,16 @@ def test_compile_time_is_reported_apart_from_run_time(jb):
     x, y = small_batch(spec, 3, 1)
     P = jb.from_numpy(spec, jb.init_params(spec, 1), "float32")
     phase = PhaseSettings(T=13, K=4, beta=0.1)
-    first = jb.gdu(spec, P, x, y, phase).timings
-    again = jb.gdu(spec, P, x, y, phase).timings
+    first = compute.gdu(jb, spec, P, x, y, phase).timings
+    again = compute.gdu(jb, spec, P, x, y, phase).timings
     assert set(first) == {"compile_s", "run_s"}
     assert first["compile_s"] > 0 and first["run_s"] > 0
     assert again["compile_s"] == 0.0 and again["run_s"] > 0  # the compiled program is cached
     # another T is another program; β is an argument, so a new β is not
-    assert jb.gdu(spec, P, x, y, phase.model_copy(update={"T": 14})).timings["compile_s"] > 0
-    assert jb.gdu(spec, P, x, y, phase.model_copy(update={"beta": 0.05})).timings["compile_s"] == 0.0
-    res = jb.train_epoch(spec, P, np.tile(x, (4, 1)), np.arange(12) % 4, phase, TrainSettings(lrs=(0.1, 0.1),
-                         batch_size=3), "ep")
+    assert compute.gdu(jb, spec, P, x, y, phase.model_copy(update={"T": 14})).timings["compile_s"] > 0
+    assert compute.gdu(jb, spec, P, x, y, phase.model_copy(update={"beta": 0.05})).timings["compile_s"] == 0.0
+    (res,) = training.train_epochs(jb, spec, [P], [np.tile(x, (4, 1))], [np.arange(12) % 4], phase,
+                                   TrainSettings(lrs=(0.1, 0.1), batch_size=3), "ep")
     assert set(res.timings) == {"compile_s", "run_s"} and res.timings["compile_s"] > 0
 
 
@@ -96,7 +97,7 @@ def test_jax_cuda_unavailable_is_a_clear_error():
     assert "jax-cuda" in message and "\n" not in message
     x, y = small_batch(spec, 2, 0)
     with pytest.raises(BackendUnavailable):
-        backend.gdu(spec, {}, x, y, PhaseSettings(T=3, K=1, beta=0.1))
+        compute.gdu(backend, spec, {}, x, y, PhaseSettings(T=3, K=1, beta=0.1))
 
 
 def test_divergence_stops_the_epoch(jb):
@@ -104,14 +105,14 @@ def test_divergence_stops_the_epoch(jb):
     rng = np.random.default_rng(2)
     x, labels = rng.uniform(0, 1, (40, 12)), rng.integers(0, 4, 40)
     P = jb.from_numpy(spec, jb.init_params(spec, 2), "float32")
-    res = jb.train_epoch(spec, P, x, labels, PhaseSettings(T=5, K=2, beta=0.5),
-                         TrainSettings(lrs=(float("inf"), 0.1), batch_size=10), "ep")
+    (res,) = training.train_epochs(jb, spec, [P], [x], [labels], PhaseSettings(T=5, K=2, beta=0.5),
+                                   TrainSettings(lrs=(float("inf"), 0.1), batch_size=10), "ep")
     assert res.diverged
     assert not all(np.isfinite(v).all() for v in jb.to_numpy(spec, res.params).values())
     # weights that turn non-finite in the last batch: no later first phase sees them, the check
     # at the end of the chunk does
-    last = jb.train_epoch(spec, P, x, labels, PhaseSettings(T=5, K=2, beta=0.5),
-                          TrainSettings(lrs=(float("inf"), 0.1), batch_size=40), "ep")
+    (last,) = training.train_epochs(jb, spec, [P], [x], [labels], PhaseSettings(T=5, K=2, beta=0.5),
+                                    TrainSettings(lrs=(float("inf"), 0.1), batch_size=40), "ep")
     assert last.diverged
 
 
@@ -206,20 +207,21 @@ def test_prop4_processes_match_unrolled_grad(jb, kind):
     x, y = small_batch(spec, B, 5)
     with jax.enable_x64(True):
         P = jb.from_numpy(spec, p_np, "float64")
-        g = jb.gdu(spec, P, x, y, PhaseSettings(T=T, K=K, beta=0.1, dtype="float64"))
-        s_start = jb.first_phase(spec, P, x, T - K)
+        g = compute.gdu(jb, spec, P, x, y, PhaseSettings(T=T, K=K, beta=0.1, dtype="float64")).processes["bptt"]
+        s_start = compute.first_phase(jb, spec, P, x, T - K)
         ref_s, ref_theta = unrolled_bptt(spec, p_np, x, y, s_start, K)
     for i in range(spec.n_layers):
-        np.testing.assert_allclose(g.bptt_s[i], ref_s[i], rtol=1e-10, atol=1e-14, err_msg=f"bptt_s[{i}]")
+        np.testing.assert_allclose(g.s[i], ref_s[i], rtol=1e-10, atol=1e-14, err_msg=f"bptt_s[{i}]")
     for k in p_np:
-        assert g.bptt_theta[k].shape == (K + 1, *p_np[k].shape)
-        np.testing.assert_allclose(g.bptt_theta[k], ref_theta[k], rtol=1e-10, atol=1e-14, err_msg=f"bptt_theta[{k}]")
+        assert g.theta[k].shape == (K + 1, *p_np[k].shape)
+        np.testing.assert_allclose(g.theta[k], ref_theta[k], rtol=1e-10, atol=1e-14, err_msg=f"bptt_theta[{k}]")
     # the training gradient is the sum of the per-step processes over bptt_span(K) steps
     span = spec.bptt_span(K)
-    g_span = g if span == K else jb.gdu(spec, P, x, y, PhaseSettings(T=T, K=span, beta=0.1, dtype="float64"))
-    grad = jb.bptt_grad(spec, P, x, y, PhaseSettings(T=T, K=K, beta=0.1, dtype="float64"))
+    g_span = g if span == K else compute.gdu(jb, spec, P, x, y, PhaseSettings(T=T, K=span, beta=0.1,
+                                                                             dtype="float64")).processes["bptt"]
+    grad = compute.gradient(jb, spec, P, x, y, PhaseSettings(T=T, K=K, beta=0.1, dtype="float64"), "bptt")
     for k in p_np:
-        np.testing.assert_allclose(grad[k], g_span.bptt_theta[k].sum(0), rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(grad[k], g_span.theta[k].sum(0), rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("kind", sorted(PROP4))
@@ -248,7 +250,7 @@ def test_dphi_increment_is_the_difference_of_dphi(kind):
 
 def test_batched_trials_equal_one_after_the_other(jb, monkeypatch):
     """train_epochs with batch_trials (EPBENCH_BATCH_TRIALS=1, one vmapped program) gives each
-    trial exactly what train_epoch gives it alone; a trial that diverges stops alone."""
+    trial exactly what it gets trained alone; a trial that diverges stops alone."""
     spec = ModelSpec(kind="p", n_in=30, hidden=(24,), n_out=6, activation="sigmoid", dt=1.0)
     rng = np.random.default_rng(0)
     xs = [rng.uniform(0, 1, (47, 30)) for _ in range(3)]  # 9 full batches of 5 and a short one
@@ -260,8 +262,9 @@ def test_batched_trials_equal_one_after_the_other(jb, monkeypatch):
     params = [jb.from_numpy(spec, p, "float64") for p in start]
     monkeypatch.setattr(jb, "batch_trials", True)
     for algorithm in ("ep", "bptt"):
-        together = jb.train_epochs(spec, params, xs, labels, phase, train, algorithm)
-        alone = [jb.train_epoch(spec, p, x, lab, phase, train, algorithm) for p, x, lab in zip(params, xs, labels)]
+        together = training.train_epochs(jb, spec, params, xs, labels, phase, train, algorithm)
+        alone = [training.train_epochs(jb, spec, [p], [x], [lab], phase, train, algorithm)[0]
+                 for p, x, lab in zip(params, xs, labels)]
         assert [r.diverged for r in together] == [r.diverged for r in alone] == [False, False, True]
         for a, b in zip(alone[:2], together[:2]):
             assert a.train_error == b.train_error
@@ -303,10 +306,11 @@ def test_fused_phases_equal_the_xla_loop(fused, case, monkeypatch):
         jb = load_backend("jax-cpu").__class__("cpu")       # a fresh backend: nothing compiled yet
         monkeypatch.setenv("EPBENCH_JAX_NATIVE", "1" if on else "0")
         P = jb.from_numpy(spec, jb.init_params(spec, 1), "float32")
-        results[on] = (jb.first_phase(spec, P, x, 30),
-                       jb.ep_update(spec, P, x, y, PhaseSettings(T=30, K=8, beta=0.3, dtype="float32")),
-                       jb.ep_update(spec, P, x, y, PhaseSettings(T=30, K=8, beta=0.3, dtype="float32", symmetric=True)),
-                       jb.bptt_grad(spec, P, x, y, PhaseSettings(T=30, K=8, beta=0.3, dtype="float32")))
+        phase = PhaseSettings(T=30, K=8, beta=0.3, dtype="float32")
+        results[on] = (compute.first_phase(jb, spec, P, x, 30),
+                       compute.gradient(jb, spec, P, x, y, phase, "ep"),
+                       compute.gradient(jb, spec, P, x, y, phase.model_copy(update={"symmetric": True}), "ep"),
+                       compute.gradient(jb, spec, P, x, y, phase, "bptt"))
         assert jb.pop_implementation() == ("fused-cpp" if on else "xla-loop")
     (s_a, ep_a, sym_a, bp_a), (s_b, ep_b, sym_b, bp_b) = results[False], results[True]
     for a, b in zip(s_a, s_b):
@@ -321,14 +325,25 @@ def test_fused_phases_are_used_where_they_apply(fused):
     """The compiled jax-cpu programs call the kernel for a one-hidden-layer model in float32,
     and keep the XLA loop in float64, for two hidden layers, under the alternation, for tanh and
     for a hidden layer that is not a multiple of 16 units."""
-    from epbench_jax import algorithms as A
+    from epbench.algorithms import FreePhase
+    from epbench.phases import first_phase
+    from epbench_jax.dynamics import OPS, JaxDynamics, fused_phases
+
+    alg = compute.algorithm("ep")
 
     def calls_kernel(spec, dtype, alternate=False):
-        with jax.enable_x64(dtype == "float64"), A.fused_phases(True):
+        phase = PhaseSettings(T=10, K=4, beta=0.5, dtype=dtype, alternate=alternate)
+        st = compute.steps(spec, phase)
+
+        def program(p, x, y, beta):
+            dyn = JaxDynamics(spec, p, x, alternate)
+            s_T, hist = first_phase(OPS, dyn, st.T, alg.history(st, spec))
+            return alg.gradient(OPS, dyn, FreePhase(s_T, hist), y, beta, st, phase)
+
+        with jax.enable_x64(dtype == "float64"), fused_phases(True):
             x = jnp.zeros((4, *spec.input_shape), dtype)
             P = {k: jnp.asarray(v, dtype) for k, v in load_backend("jax-cpu").init_params(spec, 0).items()}
-            text = jax.jit(A.ep_update_program(spec, 10, 4, False, alternate)).lower(
-                P, x, jnp.zeros((4, spec.n_out), dtype), jnp.asarray(0.5, dtype)).as_text()
+            text = jax.jit(program).lower(P, x, jnp.zeros((4, spec.n_out), dtype), jnp.asarray(0.5, dtype)).as_text()
         return fused.TARGET in text
 
     one = ModelSpec(kind="p", hidden=(16,), activation="sigmoid")
@@ -351,8 +366,9 @@ def test_fused_phases_under_batched_trials(fused, monkeypatch):
     train = TrainSettings(lrs=(0.2, 0.1), batch_size=5)
     params = [jb.from_numpy(spec, jb.init_params(spec, seed), "float32") for seed in range(2)]
     monkeypatch.setattr(jb, "batch_trials", True)
-    together = jb.train_epochs(spec, params, xs, labels, phase, train, "ep")
-    alone = [jb.train_epoch(spec, p, x, lab, phase, train, "ep") for p, x, lab in zip(params, xs, labels)]
+    together = training.train_epochs(jb, spec, params, xs, labels, phase, train, "ep")
+    alone = [training.train_epochs(jb, spec, [p], [x], [lab], phase, train, "ep")[0]
+             for p, x, lab in zip(params, xs, labels)]
     for a, b in zip(alone, together):
         assert a.train_error == b.train_error
         pa, pb = jb.to_numpy(spec, a.params), jb.to_numpy(spec, b.params)

@@ -134,6 +134,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import numpy as np
+    from epbench import compute
     from epbench.plugins import registry
     from epbench.spec import ModelSpec, PhaseSettings
 
@@ -142,7 +143,7 @@ SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     x, y = rng.uniform(0, 1, (6, 20)), np.eye(5)[rng.integers(0, 5, 6)]
     P = jb.from_numpy(spec, jb.init_params(spec, 0), "float32")
-    jb.ep_update(spec, P, x, y, PhaseSettings(T=20, K=4, beta=0.1, dtype="float32"))
+    compute.gradient(jb, spec, P, x, y, PhaseSettings(T=20, K=4, beta=0.1, dtype="float32"), "ep")
     print(jb.pop_implementation())
 """)
 

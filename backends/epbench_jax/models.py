@@ -11,7 +11,7 @@ inside the programs (what CPUs multiply fastest); :func:`to_internal` / :func:`t
 convert from / to the canonical ``(B, C, H, W)`` of ``spec.state_shapes``. Every other state
 and every parameter is in its canonical layout.
 
-Everything here is traced inside ``jax.jit`` programs (see ``algorithms.py``): ``spec`` is a
+Everything here is traced inside ``jax.jit`` programs (see ``dynamics.py``): ``spec`` is a
 static Python object, never a traced value.
 """
 

@@ -72,7 +72,7 @@ class TorchOps(EagerOps):
 
         return (out, pullback, aux) if has_aux else (out, pullback)
 
-    def pullback_stacked(self, pullback, cotangents):
+    def pullback_stacked(self, pullback, cotangents, batched: bool = True):
         """One batched backward pass (``is_grads_batched``) for every cotangent of the stack."""
         return pullback(cotangents, batched=True)
 

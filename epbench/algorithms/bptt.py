@@ -86,7 +86,6 @@ def prop4(ops, dyn, states, s_T, y, per_step: bool):
         gs, raw = dyn.vjp(ops.tree_map(lambda a: a[n - t], states), g)
         return gs, (batch_sum(gs), raw)
 
-    # row t = 0: the cotangent is 0, so ∇θ(0) = 0 exactly (any state will do)
-    _, raw0 = dyn.vjp(s_T, ops.tree_map(xp.zeros_like, g0))
-    _, (bptt_s, raws) = ops.scan(body, g0, xp.arange(1, n + 1), first_y=(batch_sum(g0), raw0))
+    # row t = 0: ∇θ(0) = 0
+    _, (bptt_s, raws) = ops.scan(body, g0, xp.arange(1, n + 1), first_y=(batch_sum(g0), dyn.zero_raw()))
     return bptt_s, dyn.theta_grad(raws, stacked=True)  # linear: one map over every t

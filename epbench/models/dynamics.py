@@ -95,12 +95,17 @@ class ModelDynamics:
                 lambda p: self.model.prepare(self.ops, self.spec, p, self.x), self.params, has_aux=True)
         return self._pullback
 
+    def zero_raw(self):
+        """Raw cotangents that are all zero (the structure ``vjp`` returns)."""
+        source = self.params if self.ops.vjp is None else self.inputs
+        return self.ops.tree_map(self.ops.xp.zeros_like, source)
+
     def theta_grad(self, raw, stacked: bool = False) -> dict:
         if self.ops.vjp is None:
             return raw
         pull = self._prepare_pullback()
         if stacked:
-            return self.ops.pullback_stacked(pull, raw)[0]
+            return self.ops.pullback_stacked(pull, raw, batched=self.batched_maps)[0]
         return pull(raw)[0]
 
     # ----- Φ -------------------------------------------------------------------------------------

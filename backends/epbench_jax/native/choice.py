@@ -99,12 +99,12 @@ def store(path: Path, entry_key: str, entry: dict) -> None:
 def measure(spec: ModelSpec, batch: int, steps: int, nudged: bool) -> dict:
     """:func:`race` on this phase: both implementations compiled as programs of their own that
     run the phase alone, from s = 0, with the step parameters and drive of
-    ``algorithms.Prepared`` computed beforehand (initial parameters of seed 0, inputs uniform in
+    ``dynamics.JaxDynamics`` computed beforehand (initial parameters of seed 0, inputs uniform in
     [0, 1]). May run while another program is being traced."""
     import jax
 
     from epbench.params import init_params
-    from epbench_jax import algorithms as A
+    from epbench_jax import dynamics as D
     from epbench_jax import models as M
     from epbench_jax import native
 
@@ -117,7 +117,7 @@ def measure(spec: ModelSpec, batch: int, steps: int, nudged: bool) -> dict:
             np.float32(0.5)))
 
     def prepare(params, x):
-        prep = A.Prepared(spec, params, x)
+        prep = D.JaxDynamics(spec, params, x)
         return prep.psl, prep.d
 
     psl, d = jax.jit(prepare).lower(params, x).compile()(params, x)
@@ -125,13 +125,13 @@ def measure(spec: ModelSpec, batch: int, steps: int, nudged: bool) -> dict:
 
     def program(kernel: bool):
         def run(params, x, psl, d, y, beta):
-            prep = A.Prepared(spec, params, x)
+            prep = D.JaxDynamics(spec, params, x)
             prep.psl, prep.d = psl, d  # computed beforehand: XLA drops the drive here
             s = M.zero_states(spec, batch, x.dtype)
             nudge = (beta, y) if nudged else None
             if kernel:
                 return native.phase(spec, prep.psl, prep.d, s, steps, nudge)
-            with A.fused_phases(False):
+            with D.fused_phases(False):
                 return prep.run(s, steps, nudge)
 
         exe = jax.jit(run).lower(*args).compile()

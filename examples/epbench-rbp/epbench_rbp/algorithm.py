@@ -46,6 +46,5 @@ class RBP(Algorithm):
             gs, raw = dyn.vjp(free.s_T, g)
             return gs, (batch_sum(gs), raw)
 
-        _, raw0 = dyn.vjp(free.s_T, ops.tree_map(xp.zeros_like, g0))  # zero cotangent: ∇θ(0) = 0
-        _, (proc_s, raws) = ops.scan(body, g0, None, length=K, first_y=(batch_sum(g0), raw0))
+        _, (proc_s, raws) = ops.scan(body, g0, None, length=K, first_y=(batch_sum(g0), dyn.zero_raw()))
         return proc_s, dyn.theta_grad(raws, stacked=True)
