@@ -61,10 +61,6 @@ def steps(spec: ModelSpec, phase: PhaseSettings) -> Steps:
     return Steps(phase.T, phase.K, span)
 
 
-def _check(backend: Backend, spec: ModelSpec, phase: PhaseSettings, gdu: bool = False) -> None:
-    check_alternation(spec, phase, gdu=gdu)
-
-
 def _batch(backend: Backend, spec: ModelSpec, x, dtype: str):
     x = np.asarray(x)
     return backend.asarray(x.reshape((x.shape[0],) + tuple(spec.input_shape)), dtype)
@@ -89,7 +85,7 @@ def first_phase(backend: Backend, spec: ModelSpec, params: Params, x: np.ndarray
 def gradient(backend: Backend, spec: ModelSpec, params: Params, x: np.ndarray, y: np.ndarray,
              phase: PhaseSettings, algorithm_name: str) -> NDict:
     """The algorithm's estimate of ∂L/∂θ on one batch (θ ← θ − lr·g in training)."""
-    _check(backend, spec, phase)
+    check_alternation(spec, phase)
     alg = algorithm(algorithm_name)
     st = steps(spec, phase)
     dtype = phase.dtype
@@ -111,7 +107,7 @@ def gdu(backend: Backend, spec: ModelSpec, params: Params, x: np.ndarray, y: np.
         phase: PhaseSettings, algorithms: tuple[str, ...] = ("ep",)) -> GDUProcesses:
     """First phase (keeping its last K states), then the per-step processes of each algorithm
     that has them and of BPTT (Prop. 4), t = 0..K, in one program."""
-    _check(backend, spec, phase, gdu=True)
+    check_alternation(spec, phase, gdu=True)
     names = tuple(dict.fromkeys((*algorithms, "bptt")))
     algs = [algorithm(n) for n in names]
     missing = [a.name for a in algs if type(a).processes is Algorithm.processes]

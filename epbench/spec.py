@@ -9,8 +9,11 @@ NumPy arrays with exactly these names and shapes):
 * layered models (``eb``, ``p``, ``pconv``): ``W{i}{i+1}`` connects layer ``i+1`` to layer
   ``i`` (shape ``(n_i, n_{i+1})``, or a convolution kernel ``(C_i, C_{i+1}, F, F)``),
   ``W{L}x`` connects the input to the last hidden layer, ``b{i}`` is the bias of layer ``i``
-  (present in the ``official-code`` flavour only; docs/equations.md lists its departures).
+  (present in the ``official-code`` flavour only; docs/equations.md lists its departures);
+  indices of two digits or more are separated by ``_`` (:func:`weight_name`).
 * ``toy``: ``W01`` (5, 50), ``W0x`` (5, 10), ``W1x`` (50, 10), biases ``b0``, ``b1``.
+
+A model (``kind``) is a registered :class:`epbench.models.Model`, which declares its shapes.
 
 Every model is a discrete-time system ``s_{t+1} = s_t + dt * dsdt(s_t)``, where ``dt`` is the
 paper's ε for energy-based models (eq. 71) and the leak of the prototypical ones (dt = 1:
@@ -285,8 +288,8 @@ class TrainSettings(_Strict):
 
 
 def check_alternation(spec: ModelSpec, phase: PhaseSettings, gdu: bool = False) -> None:
-    """Raise ``ValueError`` if ``phase.alternate`` is set where it does not apply (for backends:
-    call it first in ep_update, bptt_grad, train_epoch and gdu)."""
+    """Raise ``ValueError`` if ``phase.alternate`` is set where it does not apply (the core's
+    gradients and training check it; the GDU processes follow the synchronous dynamics)."""
     if not phase.alternate:
         return
     if gdu:

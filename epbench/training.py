@@ -24,7 +24,7 @@ import numpy as np
 from epbench.algorithms import FreePhase
 from epbench.backend import Backend, Params
 from epbench.phases import all_finite, first_phase, wrong
-from epbench.spec import ModelSpec, PhaseSettings, TrainSettings
+from epbench.spec import ModelSpec, PhaseSettings, TrainSettings, check_alternation
 
 #: batches per compiled training program (one more program for a remainder chunk)
 CHUNK = 100
@@ -105,9 +105,7 @@ def train_epochs(backend: Backend, spec: ModelSpec, params: list[Params], xs: li
     """One epoch of SGD for each of several independent trials (their own parameters and data
     order, the same data size). With ``backend.batch_trials`` the trials run as one program
     mapped over them (``ops.map``); otherwise one after the other. The inputs stay untouched."""
-    from epbench.compute import _check
-
-    _check(backend, spec, phase)
+    check_alternation(spec, phase)
     if len({len(x) for x in xs}) != 1:
         raise ValueError("trials trained together need the same number of samples")
     batched = backend.batch_trials and len(params) > 1
