@@ -24,6 +24,11 @@ A measurement is flagged **not converged** when ``r > DRIFT_SHARE × RelMSE`` (R
 over the neuron layers, the quantity of the Theorem 1 sweeps). The rule is the same for a Table 3
 row and a point of a β sweep: as β shrinks, the one-sided r grows like 1/β while RelMSE falls
 like β, so a sweep needs a first phase converged far enough for its smallest β.
+
+An algorithm without β (``Algorithm.uses_beta`` false, e.g. recurrent backpropagation) divides
+nothing by the nudge: it assumes s_T is a fixed point, and its distance to BPTT is the drift's
+effect itself. Its rows count as converged when ``d ≤ FIXED_POINT_ULPS`` units of the dtype's
+rounding (float32: 1.2e-5, float64: 2.2e-14).
 """
 
 from __future__ import annotations
@@ -43,7 +48,11 @@ def ep_scale(kind: str, dt: float, beta: float) -> float:
 
     if not (isinstance(dt, (int, float)) and math.isfinite(dt) and 0 < dt <= 1):
         return float("nan")
-    return ModelSpec(kind=kind, dt=dt).ep_scale(abs(beta))
+    try:
+        spec = ModelSpec(kind=kind, dt=dt)
+    except ValueError:  # a plugin's model that is not installed here
+        return float("nan")
+    return spec.ep_scale(abs(beta))
 
 
 def drift_ratio(convergence: float, kind: str, dt: float, beta: float, symmetric: bool = False) -> float:
@@ -56,6 +65,30 @@ def drift_ratio(convergence: float, kind: str, dt: float, beta: float, symmetric
     if not (math.isfinite(convergence) and math.isfinite(scale)):
         return float("nan")
     return convergence / scale
+
+
+#: an algorithm without β: converged when ‖s_T − s_{T−1}‖_∞ is within this many units of rounding
+FIXED_POINT_ULPS = 100
+
+
+def uses_beta(algorithm: str) -> bool:
+    """Whether a registered algorithm divides by the nudge (EP); an unknown one counts as if it did."""
+    from epbench.plugins import algorithms
+
+    found = algorithms().get(algorithm)
+    return True if found is None else bool(found.uses_beta)
+
+
+def converged_for(algorithm: str, ratio: float, relmse: float, convergence: float, dtype: str) -> bool | None:
+    """The verdict on a row of ``algorithm``: :func:`converged` for algorithms that use β, else
+    ``convergence ≤ FIXED_POINT_ULPS × eps(dtype)`` (None when unknown)."""
+    if uses_beta(algorithm):
+        return converged(ratio, relmse)
+    import numpy as np
+
+    if not math.isfinite(convergence):
+        return None
+    return convergence <= FIXED_POINT_ULPS * float(np.finfo(np.dtype(dtype)).eps)
 
 
 def converged(ratio: float, relmse: float) -> bool | None:

@@ -17,7 +17,8 @@ import pandas as pd
 
 from epbench import figures as figs
 from epbench import paper
-from epbench.convergence import DRIFT_SHARE, converged, drift_ratio, theorem1_prediction
+from epbench.convergence import (DRIFT_SHARE, FIXED_POINT_ULPS, converged_for, drift_ratio, theorem1_prediction,
+                                 uses_beta)
 from epbench.results import (REFERENCE, algorithm_label, algorithms_in, atomic_write_text, compared_algorithm, comparison_name,
                              read_meta, read_table, safe_name, to_frame)
 
@@ -187,7 +188,8 @@ def _gdu_record(exp: str, algorithm: str, symmetric: bool, beta: float, rows: pd
     rec["relmse_neurons"] = float(np.mean(neurons)) if neurons else float("nan")
     rec["drift_ratio"] = drift_ratio(rec["convergence_max"], first["model"], desc["dt"], float(beta),
                                      bool(symmetric))
-    rec["converged"] = converged(rec["drift_ratio"], rec["relmse_neurons"])
+    rec["converged"] = converged_for(algorithm, rec["drift_ratio"], rec["relmse_neurons"], rec["convergence_max"],
+                                     rec["dtype"])
     rec.update({f"relmse_{k}": v for k, v in rel.items()})
     rec.update({f"sign_{k}": v for k, v in sign.items()})
     rec.update({f"cosine_{k}": v for k, v in cos.items()})
@@ -289,14 +291,19 @@ def _gdu_section(summary: pd.DataFrame) -> list[str]:
            "ratio r = ‖s_T − s_{T−1}‖_∞ / ep_scale(β) (the most the leftover drift adds to an entry of ΔEP_s; "
            "ep_scale = εβ for EB and toy, β for P; with symmetric nudging the drift cancels between +β and −β "
            f"and r = ‖s_T − s_{{T−1}}‖_∞ / (ep_scale / β)) is at most {DRIFT_SHARE:g} × its neuron-mean RelMSE; "
-           "otherwise its RelMSE measures the drift, not the GDU property. Official-code rows are checked "
+           "otherwise its RelMSE measures the drift, not the GDU property. An algorithm without β (RBP) "
+           "assumes s_T is a fixed point: its rows count as converged when ‖s_T − s_{T−1}‖_∞ is within "
+           f"{FIXED_POINT_ULPS} units of the dtype's rounding. Official-code rows are checked "
            "against the magnitudes the official code gives at Table 3 settings (in range = within a factor of "
            f"{paper.SANITY_FACTOR:g}).", "", _gdu_markdown(summary), ""]
     bad = summary[summary["converged"].apply(_flagged)] if not summary.empty else summary
     for _, r in bad.iterrows():
+        if uses_beta(r["algorithm"]):
+            rule = f"drift ratio r = {_g(r['drift_ratio'], 2)} > {DRIFT_SHARE:g} × RelMSE {_g(r['relmse_neurons'], 2)}"
+        else:
+            rule = f"more than {FIXED_POINT_ULPS} units of {r['dtype']} rounding"
         out += [f"**Not converged: {_variant_name(r)}, ‖s_T − s_{{T−1}}‖_∞ = {_g(r['convergence_max'], 2)} after "
-                f"T = {r['T']} steps, drift ratio r = {_g(r['drift_ratio'], 2)} > {DRIFT_SHARE:g} × RelMSE "
-                f"{_g(r['relmse_neurons'], 2)}. Its RelMSE values do not measure the GDU property.**", ""]
+                f"T = {r['T']} steps, {rule}. Its RelMSE values do not measure the GDU property.**", ""]
     return out
 
 
@@ -395,7 +402,8 @@ def summarize_theorem1(df: pd.DataFrame, layer: str | None = None) -> pd.DataFra
             worst = float(c.max()) if len(c) else float("nan")
             ratio = drift_ratio(worst, first["model"], model_settings(first)["dt"], b, bool(s))
             points.append({"slope": slopes[(f, s)], "prediction": theorem1_prediction(first["model"], f, bool(s)),
-                           "convergence": worst, "drift_ratio": ratio, "converged": converged(ratio, value)})
+                           "convergence": worst, "drift_ratio": ratio,
+                           "converged": converged_for(algorithm, ratio, value, worst, first["dtype"])})
         name = f"{family} {algorithm_label(algorithm)}" if len(compared) > 1 else family
         lines = lines.reset_index(drop=True).join(pd.DataFrame(points)).assign(family=name, base=family,
                                                                                 algorithm=algorithm)

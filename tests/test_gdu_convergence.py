@@ -73,10 +73,13 @@ def test_report_flags_unconverged_row(tmp_path):
     short = next(line for line in report.splitlines() if line.startswith("| short |"))
     long = next(line for line in report.splitlines() if line.startswith("| long |"))
     # the RelMSE cells of the unconverged row are marked, the converged row's are plain numbers
-    cells = [c.strip() for c in short.split("|")]
-    assert cells[10].startswith("**not converged**") and cells[11].startswith("**not converged**")
+    header = next(line for line in report.splitlines() if line.startswith("| experiment | algorithm |"))
+    cols = [c.strip() for c in header.split("|")]
+    cells = dict(zip(cols, (c.strip() for c in short.split("|"))))
+    assert cells["RelMSE neurons"].startswith("**not converged**")
+    assert cells["RelMSE weights"].startswith("**not converged**")
     assert "| **no** (r " in short and "| yes (r " in long and "not converged" not in long
-    assert any(line.startswith("**Not converged: short (paper, β = 0.01)") and line.endswith("**")
+    assert any(line.startswith("**Not converged: short (EP, paper, β = 0.01)") and line.endswith("**")
                for line in report.splitlines())
     assert "Not converged: long" not in report
 
@@ -148,3 +151,15 @@ def test_theorem1_slopes_full_suite(tmp_path):
     t1 = summarize_theorem1(read_table(run_dir))
     _check_theorem1(t1, "toy ", ("paper", "official-code"))
     _check_theorem1(t1, "eb-1h ")
+
+
+def test_algorithms_without_beta_are_judged_by_the_fixed_point():
+    """RBP divides nothing by β: its rows count as converged when the leftover step is at the
+    dtype's rounding, whatever its (drift-sized) RelMSE; EP keeps the drift-ratio rule."""
+    from epbench.convergence import converged_for
+
+    pytest.importorskip("epbench_rbp")
+    assert converged_for("rbp", ratio=6e-6, relmse=2e-8, convergence=6e-8, dtype="float32") is True
+    assert converged_for("rbp", ratio=1.0, relmse=2e-8, convergence=1e-3, dtype="float32") is False
+    assert converged_for("rbp", ratio=0.0, relmse=0.0, convergence=1e-12, dtype="float64") is False
+    assert converged_for("ep", ratio=6e-6, relmse=2e-8, convergence=6e-8, dtype="float32") is False
