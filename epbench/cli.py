@@ -326,18 +326,42 @@ def data_download(name, dest):
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option("--reference", default="torch-cpu", show_default=True, help="Backend to agree with ('' for none).")
-@click.option("--quick", is_flag=True, help="One dtype (float64), no β-sweep or training checks.")
+@click.option("--model", "model_kind", metavar="KIND",
+              help="Check the registered model KIND on every CPU backend that runs it (instead of a backend).")
+@click.option("--algorithm", "algorithm_name", metavar="NAME",
+              help="Check the registered algorithm NAME on every CPU backend and model (instead of a backend).")
+@click.option("--quick", is_flag=True, help="One dtype (float64), no β-sweep or training checks; models and "
+                                            "algorithms: the paper flavour only.")
 @click.option("-v", "--verbose", "show_all", is_flag=True, help="List passed and skipped checks too.")
-def check(name, reference, quick, show_all):
-    """Run the conformance kit on backend NAME (exit 1 if a check fails)."""
-    from epbench.testing import check_backend
+def check(name, reference, model_kind, algorithm_name, quick, show_all):
+    """Run the conformance kit on backend NAME, on a model (--model) or on an algorithm
+    (--algorithm); one line per failure, exit 1 if a check fails."""
+    if sum(x is not None for x in (name, model_kind, algorithm_name)) != 1:
+        raise click.UsageError("give exactly one of NAME (a backend), --model KIND or --algorithm NAME")
+    reports = []
+    if model_kind is not None:
+        from epbench.testing import check_model
 
-    _registry().backend(name)
-    report = check_backend(name, reference=reference or None, quick=quick)
-    click.echo(report.format(verbose=show_all))
-    if report.failed:
+        if model_kind not in _registry().models:
+            from epbench.plugins import unknown_name_message
+
+            raise EpbenchError(unknown_name_message("model kind", model_kind, _registry().models))
+        reports.append(check_model(model_kind, quick=quick))
+    elif algorithm_name is not None:
+        from epbench.testing import check_algorithm
+
+        _registry().algorithm(algorithm_name)
+        reports.append(check_algorithm(algorithm_name, quick=quick))
+    else:
+        from epbench.testing import check_backend
+
+        _registry().backend(name)
+        reports.append(check_backend(name, reference=reference or None, quick=quick))
+    for report in reports:
+        click.echo(report.format(verbose=show_all))
+    if any(report.failed for report in reports):
         raise SystemExit(1)
 
 

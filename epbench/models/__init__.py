@@ -73,6 +73,25 @@ class Model:
         arch = "-".join(str(n) for n in (spec.n_in, *reversed(spec.hidden), spec.n_out))
         return f"{spec.kind} {arch} {spec.activation} dt={spec.step:g} {spec.flavor}"
 
+    def example_spec(self) -> dict:
+        """A small instance for the conformance kit (:func:`epbench.testing.check_model`,
+        :func:`epbench.testing.check_algorithm`): ``ModelSpec`` keyword arguments; the kit adds
+        the flavour unless they name one. The default: ``n_in`` 15, ``n_out`` 4 and hidden
+        layers (12, 9), or (12,) where the model takes a single hidden layer; on feature maps a
+        15×15 input, channels (3, 4) and 3×3 kernels."""
+        if self.uses_feature_maps:
+            return dict(kind=self.kind, n_in=15 * 15, n_out=4, channels=(3, 4), kernel=3)
+        from epbench.spec import ModelSpec
+
+        for hidden in ((12, 9), (12,)):
+            spec = dict(kind=self.kind, hidden=hidden, n_in=15, n_out=4)
+            try:
+                self.validate(ModelSpec.model_construct(**spec))
+            except ValueError:
+                continue
+            return spec
+        return spec
+
     def supports_alternate(self, spec) -> bool:
         """Whether :meth:`step` takes ``layers`` (``PhaseSettings.alternate``)."""
         return False

@@ -25,6 +25,12 @@ training and evaluation, and agreement with a reference backend (``torch-cpu`` b
 1e-10 in float64, 1e-4 in float32, norm-relative per array. What a backend does not declare
 (a model kind, a flavour, a dtype, an activation) is
 skipped with the reason, never failed.
+
+Models and algorithms registered by plugins have their own kits, run on every available CPU
+backend in float64 on each model's ``example_spec()``: :func:`check_model` (structure, agreement
+between backends, F against Φ, Theorem 1; :mod:`epbench.testing.models`) and
+:func:`check_algorithm` (shapes of the gradient and processes, and the agreement with BPTT that
+the algorithm declares; :mod:`epbench.testing.algorithms`). Both return a :class:`Report`.
 """
 
 from __future__ import annotations
@@ -36,11 +42,13 @@ from typing import Callable, Iterator, NamedTuple
 from epbench.backend import Backend
 from epbench.testing.cases import CASES, Case
 from epbench.testing.checks import CHECKS, Context, Unit, plan, run_unit
+from epbench.testing.algorithms import check_algorithm
+from epbench.testing.models import check_model
 from epbench.testing.report import FAILED, PASSED, SKIPPED, CheckResult, ConformanceError, Report
 
 __all__ = [
     "CASES", "CHECKS", "Case", "Check", "CheckResult", "ConformanceError", "Report",
-    "assert_conformant", "check_backend", "generate_checks", "parametrize_checks",
+    "assert_conformant", "check_algorithm", "check_backend", "check_model", "generate_checks", "parametrize_checks",
     "PASSED", "FAILED", "SKIPPED",
 ]
 

@@ -27,6 +27,7 @@ class Case:
     reliable (false for pconv with the hard sigmoid: saturated states make pooling ties).
     ``theorem``: F = ∂Φ/∂s holds, so the Theorem-1 β-sweep applies.
     ``variant``: an extra configuration (clamping, hard sigmoid) left out of quick runs.
+    ``theorem_T``: first-phase length of the Theorem-1 sweep (0: :data:`THEOREM_PHASE` by kind).
     ``beta32``: β of the float32 runs, large enough that the EP differences (∂Φ/∂θ(s^β) − ∂Φ/∂θ(s*))
     stay well above float32 rounding (larger for the official-code P models, whose leak h = 0.2
     weakens the nudge that reaches the layers near the input).
@@ -43,6 +44,7 @@ class Case:
     smooth: bool = True
     theorem: bool = False
     variant: bool = False
+    theorem_T: int = 0
 
     @property
     def spec(self) -> ModelSpec:
@@ -107,4 +109,22 @@ CASES_BY_KEY = {c.key: c for c in CASES}
 
 #: Theorem-1 sweep: long enough first phases to converge to machine precision in float64
 THEOREM_BETAS = (1e-2, 1e-3, 1e-4, 1e-5)
-THEOREM_PHASE = {"toy": dict(T=3000, K=12), "eb": dict(T=800, K=12)}
+THEOREM_K = 12
+THEOREM_PHASE = {"toy": dict(T=3000, K=THEOREM_K), "eb": dict(T=800, K=THEOREM_K)}
+
+#: phase of the model and algorithm kits on a model's example spec (``Model.example_spec``)
+EXAMPLE_T, EXAMPLE_K, EXAMPLE_BATCH = 20, 4, 3
+
+
+def example_case(model, flavor: str = "paper") -> Case:
+    """The kit's case for a registered model: its :meth:`~epbench.models.Model.example_spec`
+    in ``flavor`` (unless the example names its own), T = 20, K = 4, β = 0.1, 3 samples.
+    Finite differences are trusted unless max-pooling meets the hard sigmoid (saturated ties);
+    the Theorem-1 sweep applies where F = ∂Φ/∂s, i.e. energy-based with σ'(s0)."""
+    example = dict(model.example_spec())
+    flavor = example.pop("flavor", None) or flavor
+    spec = ModelSpec(**example, flavor=flavor)
+    smooth = not (getattr(model, "uses_feature_maps", False) and spec.activation == "hard_sigmoid")
+    theorem = bool(spec.energy_based and spec.output_sigma_prime and not spec.clamp)
+    return Case(f"{spec.kind}-{flavor}", example, flavor, T=EXAMPLE_T, K=EXAMPLE_K, batch=EXAMPLE_BATCH,
+                smooth=smooth, theorem=theorem)

@@ -23,7 +23,7 @@ from epbench.backend import Availability, Backend, Capabilities
 from epbench.training import EpochResult
 from epbench.metrics import error_rate, relmse
 from epbench.spec import Activation, DType, Flavor, ModelSpec, TrainSettings, alternation_problem
-from epbench.testing.cases import CASES, PARAM_SEED, THEOREM_BETAS, THEOREM_PHASE, Case
+from epbench.testing.cases import CASES, PARAM_SEED, THEOREM_BETAS, THEOREM_K, THEOREM_PHASE, Case
 from epbench.testing.report import FAILED, PASSED, SKIPPED, CheckResult
 
 #: agreement with the reference backend (norm-relative, per array)
@@ -791,11 +791,19 @@ def check_bptt_fd(ctx: Context, unit: Unit, out: Recorder) -> None:
     spec = case.spec
     dyn = _smooth_dynamics(ctx, unit, out)
     phase = case.phase(dtype)
-    span = min(spec.bptt_span(phase.K), phase.T)
-    start = dyn.trajectory(phase.T)[phase.T - span]
     grad = _param_dict(out, spec, ctx.call(out, b, "bptt_grad", case, dtype, phase), "bptt_grad")
     if grad is None:
         return
+    fd_gradient(dyn, out, phase, grad, "bptt_grad")
+
+
+def fd_gradient(dyn: "_Dynamics", out: Recorder, phase, grad: dict, what: str) -> None:
+    """grad·v = d/dε L(θ + εv), L = ‖s0_T − y‖²/(2B) through the last span = spec.bptt_span(K)
+    steps from s_{T−span} held fixed (truncated BPTT), by central differences along a random v
+    per parameter (float64 ``dyn``)."""
+    case, spec = dyn.case, dyn.spec
+    span = min(spec.bptt_span(phase.K), phase.T)
+    start = dyn.trajectory(phase.T)[phase.T - span]
     p = case.params()
     rng = np.random.default_rng(case.seed + 2)
     for name in spec.param_shapes:
@@ -807,7 +815,7 @@ def check_bptt_fd(ctx: Context, unit: Unit, out: Recorder) -> None:
             vals.append(float(dyn.losses(dyn.run(start, span, dyn.native(q)))[0]))
         fd = (vals[0] - vals[1]) / (2 * FD_EPS)
         out.close(name, np.sum(grad[name] * v), fd, FD_TOL,
-                  f"bptt_grad·v vs central differences of L through the last {span} steps along a random v",
+                  f"{what}·v vs central differences of L through the last {span} steps along a random v",
                   floor=FD_FLOOR)
 
 
@@ -877,7 +885,7 @@ def check_theorem1(ctx: Context, unit: Unit, out: Recorder) -> None:
     b, case, dtype = ctx.backend, unit.case, unit.dtype
     spec = case.spec
     _need_float64(ctx, unit)
-    kw = THEOREM_PHASE[spec.kind]
+    kw = dict(T=case.theorem_T, K=THEOREM_K) if case.theorem_T else THEOREM_PHASE[spec.kind]
     curves: dict[str, list[float]] = {}
     conv = 0.0
     for beta in THEOREM_BETAS:
