@@ -135,11 +135,9 @@ class Backend(ABC):
 
     # ----- parameters and arrays ------------------------------------------------------------
     def init_params(self, spec: ModelSpec, seed: int) -> NDict:
-        """Initial parameters from a seed, as NumPy (float64). The default is the core's
-        backend-independent initialisation, so every backend starts from the same weights."""
-        from epbench.params import init_params
-
-        return init_params(spec, seed)
+        """Initial parameters from a seed, as NumPy (float64): the model's (``Model.init_params``),
+        so every backend starts from the same weights."""
+        return spec.model.init_params(spec, seed)
 
     @abstractmethod
     def from_numpy(self, spec: ModelSpec, params: Mapping[str, np.ndarray], dtype: str) -> Params:

@@ -8,7 +8,7 @@ Usage: python results/eb1h-targets-on-the-bound.py
 """
 import numpy as np
 
-from epbench import presets
+from epbench import compute, presets, training
 from epbench.datasets import epoch_order, load_dataset
 from epbench.plugins import registry
 
@@ -25,9 +25,10 @@ for flavor in ("paper", "official-code"):
         done, out = 0, []
         for n in (0, 10, 50, 200):
             if n:
-                P = be.train_epoch(spec, P, X[done * 20:n * 20], L[done * 20:n * 20], phase, train, alg).params
+                part = slice(done * 20, n * 20)
+                P = training.train_epochs(be, spec, [P], [X[part]], [L[part]], phase, train, alg)[0].params
                 done = n
-            s0 = be.first_phase(spec, P, xt, phase.T)[0]
+            s0 = compute.first_phase(be, spec, P, xt, phase.T)[0]
             on_bound = np.mean(s0[np.arange(len(yt)), yt] <= 0.0)
             out.append(f"{n} steps: target on the bound {on_bound:.2f}, test error {np.mean(s0.argmax(1) != yt) * 100:.0f}%")
         print(f"eb-1h {flavor} {alg} | " + " | ".join(out), flush=True)

@@ -18,7 +18,7 @@ Usage: python results/flavour-ingredients.py ROWS EPOCHS ALGORITHMS [VARIANTS]
 import sys
 import time
 
-from epbench import presets
+from epbench import presets, training
 from epbench.datasets import epoch_order, load_dataset
 from epbench.params import init_params
 from epbench.plugins import registry
@@ -48,8 +48,9 @@ for row in rows:
             t0 = time.time()
             for ep in range(1, epochs + 1):
                 o = epoch_order(len(split.x_train), 0 * 1_000_003 + ep)
-                res = be.train_epoch(spec, P, split.x_train[o].reshape(-1, 784), split.y_train[o], phase, train, alg)
+                res = training.train_epochs(be, spec, [P], [split.x_train[o].reshape(-1, 784)], [split.y_train[o]],
+                                            phase, train, alg)[0]
                 P = res.params
-                errs.append(be.evaluate(spec, P, split.x_test.reshape(-1, 784), split.y_test, phase.T))
+                errs.append(training.evaluate(be, spec, P, split.x_test.reshape(-1, 784), split.y_test, phase.T))
             print(f"{row} | {name} | {alg} | test error per epoch: " + ", ".join(f"{e:.1f}" for e in errs)
                   + f" | {time.time() - t0:.0f} s", flush=True)

@@ -1,12 +1,14 @@
-"""The mathematics of a backend, checked through the Backend API only (so every backend runs them).
+"""The mathematics of the core on a backend, checked through ``epbench.compute`` and
+``epbench.training`` only (so every backend runs them: the core's models, phases and algorithms
+over that backend's primitives).
 
 References are built here, independently of any backend, from ``docs/equations.md``: a plain
 torch transcription of the dynamics and of Φ, differentiated with torch autograd (BPTT through
 the unrolled graph with one copy of θ per step, ∂Φ/∂s, ∂Φ/∂θ).
 
-* F = ∂Φ/∂s for the energy-based models (finite differences of ``backend.phi`` and autograd);
+* F = ∂Φ/∂s for the energy-based models (finite differences of ``compute.phi`` and autograd);
   Lemma 5 for pconv (unpooling + transposed convolution = ∂Φ/∂s).
-* Per-step BPTT and EP processes of ``backend.gdu`` against the unrolled references.
+* Per-step BPTT and EP processes of ``compute.gdu`` against the unrolled references.
 * Theorem 1: RelMSE(ΔEP, −∇BPTT) ∝ β when F = ∂Φ/∂s; a floor otherwise.
 * Saw teeth of the P model with dt = 1.
 * Two epochs of EP and of BPTT on mnist-5k train P-1h (the main job's flavour).
@@ -19,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from epbench import presets
+from epbench import compute, presets, training
 from epbench.metrics import relmse
 from epbench.spec import ModelSpec, PhaseSettings, TrainSettings
 
@@ -150,8 +152,25 @@ def random_states(spec, B, seed, lo=-0.4, hi=0.9):
 
 
 def setup(backend, spec, seed=0, dtype="float64"):
+    """Initial parameters (NumPy, native); skips where the backend does not run ``spec``."""
+    reason = backend.supports(spec, dtype)
+    if reason:
+        pytest.skip(reason)
     p_np = backend.init_params(spec, seed)
     return p_np, backend.from_numpy(spec, p_np, dtype)
+
+
+def ep_update(backend, spec, P, x, y, phase):
+    """The EP update Δθ (added to θ in training): minus EP's gradient estimate."""
+    return {k: -v for k, v in compute.gradient(backend, spec, P, x, y, phase, "ep").items()}
+
+
+def bptt_grad(backend, spec, P, x, y, phase):
+    return compute.gradient(backend, spec, P, x, y, phase, "bptt")
+
+
+def train_epoch(backend, spec, P, x, labels, phase, train, algorithm):
+    return training.train_epochs(backend, spec, [P], [x], [labels], phase, train, algorithm)[0]
 
 
 SMALL = {
@@ -166,7 +185,7 @@ SMALL = {
 def _fd_directional(backend, spec, P, x, s, d, eps):
     plus = [a + eps * b for a, b in zip(s, d)]
     minus = [a - eps * b for a, b in zip(s, d)]
-    return (backend.phi(spec, P, x, plus) - backend.phi(spec, P, x, minus)) / (2 * eps)
+    return (compute.phi(backend, spec, P, x, plus) - compute.phi(backend, spec, P, x, minus)) / (2 * eps)
 
 
 @pytest.mark.parametrize("kind", ["toy", "eb"])
@@ -177,20 +196,18 @@ def test_step_is_gradient_of_phi(backend, kind, flavor):
     p_np, P = setup(backend, spec, seed=1)
     x, _ = batch(spec, 4, seed=2)
     s = random_states(spec, 4, seed=3)
-    Fs = backend.step_function(spec, P, x, s)
-    if Fs is None:
-        pytest.skip(f"{backend.name} has no step_function")
+    Fs = compute.step_function(backend, spec, P, x, s)
     # Φ itself against the transcription of equations.md
     st = [torch.tensor(a, dtype=F64, requires_grad=True) for a in s]
     phi_ref = ref_phi(spec, tensors(p_np), torch.tensor(x, dtype=F64), st)
-    assert backend.phi(spec, P, x, s) == pytest.approx(float(phi_ref.detach()), rel=1e-12, abs=1e-12)
+    assert compute.phi(backend, spec, P, x, s) == pytest.approx(float(phi_ref.detach()), rel=1e-12, abs=1e-12)
     # F against the transcribed step (the flavour switches included)
     F_ref = ref_step(spec, tensors(p_np), torch.tensor(x, dtype=F64), [t.detach() for t in st], clamp=False)
     for a, b in zip(Fs, F_ref):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-12, atol=1e-12)
     grad = torch.autograd.grad(phi_ref, st)
     if spec.output_sigma_prime:
-        # ∂Φ/∂s by finite differences of backend.phi along random directions, and by autograd
+        # ∂Φ/∂s by finite differences of compute.phi along random directions, and by autograd
         rng = np.random.default_rng(4)
         for _ in range(3):
             d = [rng.standard_normal(a.shape) for a in s]
@@ -217,13 +234,11 @@ def test_prototypical_preactivation_is_gradient_of_phi(backend, kind, flavor):
     p_np, P = setup(backend, spec, seed=5)
     x, _ = batch(spec, 2, seed=6)
     s = random_states(spec, 2, seed=7, lo=-0.5, hi=0.5)
-    Fs = backend.step_function(spec, P, x, s)
-    if Fs is None:
-        pytest.skip(f"{backend.name} has no step_function")
+    Fs = compute.step_function(backend, spec, P, x, s)
     pre = [np.arctanh(a) for a in Fs]
     st = [torch.tensor(a, dtype=F64, requires_grad=True) for a in s]
     phi_ref = ref_phi(spec, tensors(p_np), torch.tensor(x, dtype=F64), st)
-    assert backend.phi(spec, P, x, s) == pytest.approx(float(phi_ref.detach()), rel=1e-12, abs=1e-12)
+    assert compute.phi(backend, spec, P, x, s) == pytest.approx(float(phi_ref.detach()), rel=1e-12, abs=1e-12)
     for a, g in zip(pre, torch.autograd.grad(phi_ref, st)):
         np.testing.assert_allclose(a, g.numpy(), rtol=1e-9, atol=1e-10)
     rng = np.random.default_rng(8)
@@ -297,24 +312,24 @@ def test_gdu_processes_match_unrolled_autograd(backend, kind, flavor):
     p_np, P = setup(backend, spec, seed=11)
     x, y = batch(spec, B, seed=12)
     phase = PhaseSettings(T=T, K=K, beta=beta, dtype="float64")
-    g = backend.gdu(spec, P, x, y, phase)
-    s_start = backend.first_phase(spec, P, x, T - K)
+    g = compute.gdu(backend, spec, P, x, y, phase)
+    s_start = compute.first_phase(backend, spec, P, x, T - K)
     s_T, bptt_s, bptt_theta, ep_s, ep_theta = unrolled_reference(spec, p_np, x, y, s_start, K, beta)
     tol = dict(rtol=1e-9, atol=1e-12)
     for a, b in zip(g.s_free, s_T):
         np.testing.assert_allclose(a, b, **tol)
     for i in range(spec.n_layers):
-        np.testing.assert_allclose(g.bptt_s[i], bptt_s[i], **tol, err_msg=f"bptt_s[{i}]")
-        np.testing.assert_allclose(g.ep_s[i], ep_s[i], **tol, err_msg=f"ep_s[{i}]")
+        np.testing.assert_allclose(g.processes["bptt"].s[i], bptt_s[i], **tol, err_msg=f"bptt_s[{i}]")
+        np.testing.assert_allclose(g.processes["ep"].s[i], ep_s[i], **tol, err_msg=f"ep_s[{i}]")
     for k in p_np:
-        np.testing.assert_allclose(g.bptt_theta[k], bptt_theta[k], **tol, err_msg=f"bptt_theta[{k}]")
-        np.testing.assert_allclose(g.ep_theta[k], ep_theta[k], rtol=1e-7, atol=1e-10, err_msg=f"ep_theta[{k}]")
+        np.testing.assert_allclose(g.processes["bptt"].theta[k], bptt_theta[k], **tol, err_msg=f"bptt_theta[{k}]")
+        np.testing.assert_allclose(g.processes["ep"].theta[k], ep_theta[k], rtol=1e-7, atol=1e-10, err_msg=f"ep_theta[{k}]")
     # the training directions are the sums of the processes (telescoped EP, truncated BPTT)
-    ep = backend.ep_update(spec, P, x, y, phase)
+    ep = ep_update(backend, spec, P, x, y, phase)
     for k in p_np:
         np.testing.assert_allclose(ep[k], ep_theta[k].sum(0), rtol=1e-7, atol=1e-10)
     if spec.bptt_span(K) == K:
-        bp = backend.bptt_grad(spec, P, x, y, phase)
+        bp = bptt_grad(backend, spec, P, x, y, phase)
         for k in p_np:
             np.testing.assert_allclose(bp[k], bptt_theta[k].sum(0), **tol)
 
@@ -326,20 +341,20 @@ def test_bptt_span_and_symmetric_nudging(backend):
     p_np, P = setup(backend, spec, seed=21)
     x, y = batch(spec, B, seed=22)
     phase = PhaseSettings(T=T, K=K, beta=beta, dtype="float64")
-    g = backend.gdu(spec, P, x, y, phase.model_copy(update={"K": K + 1}))
-    bp = backend.bptt_grad(spec, P, x, y, phase)
+    g = compute.gdu(backend, spec, P, x, y, phase.model_copy(update={"K": K + 1}))
+    bp = bptt_grad(backend, spec, P, x, y, phase)
     for k in p_np:
-        np.testing.assert_allclose(bp[k], g.bptt_theta[k].sum(0), rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(bp[k], g.processes["bptt"].theta[k].sum(0), rtol=1e-10, atol=1e-13)
     sym = phase.model_copy(update={"symmetric": True})
-    gp = backend.gdu(spec, P, x, y, phase)
-    gm = backend.gdu(spec, P, x, y, phase.model_copy(update={"beta": -beta}))
-    gs = backend.gdu(spec, P, x, y, sym)
+    gp = compute.gdu(backend, spec, P, x, y, phase)
+    gm = compute.gdu(backend, spec, P, x, y, phase.model_copy(update={"beta": -beta}))
+    gs = compute.gdu(backend, spec, P, x, y, sym)
     for i in range(spec.n_layers):
-        np.testing.assert_allclose(gs.ep_s[i], (gp.ep_s[i] + gm.ep_s[i]) / 2, rtol=1e-10, atol=1e-13)
-    ep_sym = backend.ep_update(spec, P, x, y, sym)
+        np.testing.assert_allclose(gs.processes["ep"].s[i], (gp.processes["ep"].s[i] + gm.processes["ep"].s[i]) / 2, rtol=1e-10, atol=1e-13)
+    ep_sym = ep_update(backend, spec, P, x, y, sym)
     for k in p_np:
-        np.testing.assert_allclose(gs.ep_theta[k], (gp.ep_theta[k] + gm.ep_theta[k]) / 2, rtol=1e-10, atol=1e-13)
-        np.testing.assert_allclose(ep_sym[k], gs.ep_theta[k].sum(0), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(gs.processes["ep"].theta[k], (gp.processes["ep"].theta[k] + gm.processes["ep"].theta[k]) / 2, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(ep_sym[k], gs.processes["ep"].theta[k].sum(0), rtol=1e-9, atol=1e-12)
 
 
 # ----- Theorem 1 --------------------------------------------------------------------------
@@ -350,9 +365,9 @@ def gdu_relmse(backend, spec, T, K, beta, B=10, seed=0, symmetric=False):
     """RelMSE(ΔEP, −∇BPTT) per layer and per parameter, and the first-phase convergence."""
     _, P = setup(backend, spec, seed=seed)
     x, y = batch(spec, B, seed=seed + 1)
-    g = backend.gdu(spec, P, x, y, PhaseSettings(T=T, K=K, beta=beta, symmetric=symmetric, dtype="float64"))
-    scores = [relmse(e, -b) for e, b in zip(g.ep_s, g.bptt_s)]
-    scores += [relmse(g.ep_theta[k], -g.bptt_theta[k]) for k in sorted(g.ep_theta)]
+    g = compute.gdu(backend, spec, P, x, y, PhaseSettings(T=T, K=K, beta=beta, symmetric=symmetric, dtype="float64"))
+    scores = [relmse(e, -b) for e, b in zip(g.processes["ep"].s, g.processes["bptt"].s)]
+    scores += [relmse(g.processes["ep"].theta[k], -g.processes["bptt"].theta[k]) for k in sorted(g.processes["ep"].theta)]
     return np.array(scores), g.convergence
 
 
@@ -404,15 +419,15 @@ def test_p_dt1_saw_teeth(backend):
     spec = ModelSpec(kind="p", n_in=30, hidden=(24,), n_out=6, activation="tanh", dt=1.0)
     _, P = setup(backend, spec, seed=31)
     x, y = batch(spec, 8, seed=32)
-    g = backend.gdu(spec, P, x, y, PhaseSettings(T=300, K=10, beta=1e-3, dtype="float64"))
+    g = compute.gdu(backend, spec, P, x, y, PhaseSettings(T=300, K=10, beta=1e-3, dtype="float64"))
     assert g.convergence < 1e-9
     for i in range(spec.n_layers):
         other = 1 - i % 2  # layer i is reached at t ≡ i (mod 2)
-        assert np.all(g.bptt_s[i][other::2] == 0.0), f"layer {i}"
-        assert np.any(g.bptt_s[i][i % 2::2][i:] != 0.0)
-        teeth = np.abs(g.ep_s[i][other::2])
+        assert np.all(g.processes["bptt"].s[i][other::2] == 0.0), f"layer {i}"
+        assert np.any(g.processes["bptt"].s[i][i % 2::2][i:] != 0.0)
+        teeth = np.abs(g.processes["ep"].s[i][other::2])
         assert np.any(teeth > 0.0)
-        assert teeth.max() < 0.01 * np.abs(g.ep_s[i][i % 2::2]).max()  # O(β)
+        assert teeth.max() < 0.01 * np.abs(g.processes["ep"].s[i][i % 2::2]).max()  # O(β)
 
 
 # ----- even/odd alternation of the P models (appendix C.6) --------------------------------
@@ -428,12 +443,12 @@ def test_alternation_leaves_bptt_training_exactly_as_it_was(backend):
     x, y = batch(spec, 5, seed=42)
     sync = PhaseSettings(T=40, K=10, beta=0.05, dtype="float64")
     alt = sync.model_copy(update={"alternate": True})
-    g_sync, g_alt = backend.bptt_grad(spec, P, x, y, sync), backend.bptt_grad(spec, P, x, y, alt)
+    g_sync, g_alt = bptt_grad(backend, spec, P, x, y, sync), bptt_grad(backend, spec, P, x, y, alt)
     for k in g_sync:
         assert np.linalg.norm(g_alt[k] - g_sync[k]) <= 1e-12 * np.linalg.norm(g_sync[k]), k
     xs, labels = batch(spec, 40, seed=43)[0], np.random.default_rng(44).integers(0, 6, 40)
     train = TrainSettings(lrs=(0.2, 0.1, 0.05), batch_size=8)
-    runs = [backend.train_epoch(spec, P, xs, labels, ph, train, "bptt") for ph in (sync, alt)]
+    runs = [train_epoch(backend, spec, P, xs, labels, ph, train, "bptt") for ph in (sync, alt)]
     assert runs[0].train_error == runs[1].train_error
     w_sync, w_alt = (backend.to_numpy(spec, r.params) for r in runs)
     for k in w_sync:
@@ -449,8 +464,8 @@ def test_alternated_ep_update_meets_the_synchronous_one_at_the_fixed_point(backe
 
     def gap(T, K):
         sync = PhaseSettings(T=T, K=K, beta=0.05, dtype="float64")
-        a = backend.ep_update(spec, P, x, y, sync)
-        b = backend.ep_update(spec, P, x, y, sync.model_copy(update={"alternate": True}))
+        a = ep_update(backend, spec, P, x, y, sync)
+        b = ep_update(backend, spec, P, x, y, sync.model_copy(update={"alternate": True}))
         return max(np.linalg.norm(a[k] - b[k]) / np.linalg.norm(a[k]) for k in a)
 
     assert gap(40, 10) > 1e-3
@@ -461,14 +476,15 @@ def test_alternation_is_refused_where_it_does_not_apply(backend):
     x, y = batch(ModelSpec(**ALT_SPEC), 2, seed=1)
     alt = PhaseSettings(T=10, K=4, beta=0.1, dtype="float64", alternate=True)
     cases = [(ModelSpec(**ALT_SPEC), "gdu", "training option"),
-             (ModelSpec(**{**ALT_SPEC, "activation": "tanh", "kind": "eb", "dt": 0.2}), "ep", "P models only"),
+             (ModelSpec(**{**ALT_SPEC, "activation": "tanh", "kind": "eb", "dt": 0.2}), "ep",
+              r"layered prototypical models \(p\), not eb"),
              (ModelSpec(**{**ALT_SPEC, "flavor": "official-code"}), "bptt", "even BPTT span"),
              (ModelSpec(**{**ALT_SPEC, "dt": 0.5}), "ep", "dt = 1")]
     for spec, what, message in cases:
         P = backend.from_numpy(spec, backend.init_params(spec, 0), "float64")
-        call = {"gdu": backend.gdu, "ep": backend.ep_update, "bptt": backend.bptt_grad}[what]
+        call = {"gdu": compute.gdu, "ep": ep_update, "bptt": bptt_grad}[what]
         with pytest.raises(ValueError, match=message):
-            call(spec, P, x, y, alt)
+            call(backend, spec, P, x, y, alt)
 
 
 # ----- training ---------------------------------------------------------------------------
@@ -496,9 +512,9 @@ def test_p1h_saturated_output_unit_stops_bptt_but_not_ep(backend):
     dead = int(labels[0])
     params["W01"][dead] = -0.1                  # pre_0 = −0.1 Σ_j s1_j ≪ 0 (s1 > 0)
     P = backend.from_numpy(spec, params, "float64")
-    assert backend.first_phase(spec, P, x, phase.T)[0][:, dead].max() < 1e-6
-    ep = backend.ep_update(spec, P, x, y, phase)["W01"]
-    bp = -backend.bptt_grad(spec, P, x, y, phase)["W01"]
+    assert compute.first_phase(backend, spec, P, x, phase.T)[0][:, dead].max() < 1e-6
+    ep = ep_update(backend, spec, P, x, y, phase)["W01"]
+    bp = -bptt_grad(backend, spec, P, x, y, phase)["W01"]
     ratio = [np.linalg.norm(ep[k]) / np.linalg.norm(bp[k]) for k in range(10)]
     assert ratio[dead] > 1e6, ratio[dead]
     live = [r for k, r in enumerate(ratio) if k != dead]
@@ -523,15 +539,15 @@ def test_one_epoch_ep_two_epochs_bptt_train_p1h_paper_flavour(backend):
     for algorithm, epochs in (("ep", 1), ("bptt", 2)):
         P = backend.from_numpy(spec, p_np, phase.dtype)
         for epoch in range(epochs):
-            res = backend.train_epoch(spec, P, x, labels, phase, train, algorithm)
+            res = train_epoch(backend, spec, P, x, labels, phase, train, algorithm)
             assert not res.diverged
             P = res.params
-            dead = _dead_outputs(backend.first_phase(spec, P, split.x_test, phase.T)[0])
+            dead = _dead_outputs(compute.first_phase(backend, spec, P, split.x_test, phase.T)[0])
             if algorithm == "ep":
                 assert dead == [], f"EP left output units {dead} dead"
             elif epoch == 0:
                 assert dead, "BPTT's first epoch kept every output unit alive"
-        test_err = backend.evaluate(spec, P, split.x_test, split.y_test, phase.T)
+        test_err = training.evaluate(backend, spec, P, split.x_test, split.y_test, phase.T)
         assert test_err < 15.0, f"{algorithm}: {test_err:.1f}% test error after {epochs} epoch(s)"
 
 
@@ -567,13 +583,13 @@ def test_two_epochs_train_p1h_on_mnist5k(backend):
         P0 = backend.from_numpy(spec, p_np, phase.dtype)
         P = P0
         for _epoch in range(2):
-            res = backend.train_epoch(spec, P, x, labels, phase, train, algorithm)
+            res = train_epoch(backend, spec, P, x, labels, phase, train, algorithm)
             assert not res.diverged
             assert 0.0 < res.train_error < 60.0
             P = res.params
-            dead = _dead_outputs(backend.first_phase(spec, P, split.x_test, phase.T)[0])
+            dead = _dead_outputs(compute.first_phase(backend, spec, P, split.x_test, phase.T)[0])
             assert dead == [], f"{algorithm} left output units {dead} dead"
-        test_err = backend.evaluate(spec, P, split.x_test, split.y_test, phase.T)
+        test_err = training.evaluate(backend, spec, P, split.x_test, split.y_test, phase.T)
         assert test_err < 15.0, f"{algorithm}: {test_err:.1f}% test error after 2 epochs"
         # training returned new parameters and left the initial ones as they were
         assert all(np.array_equal(v, p_np[k].astype(np.float32)) for k, v in backend.to_numpy(spec, P0).items())

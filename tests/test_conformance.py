@@ -69,48 +69,66 @@ def _numpy_backend_class():
     return NumpyBackend
 
 
+def _faulty_numpy(name: str, dynamics_class):
+    """A numpy backend whose :meth:`~epbench.backend.Backend.dynamics` is ``dynamics_class``
+    (a :class:`~epbench.models.dynamics.ModelDynamics` with one primitive broken)."""
+
+    class Faulty(_numpy_backend_class()):
+        def dynamics(self, spec, params, x, alternate=False):
+            return dynamics_class(self.ops, spec.model, spec, params, x, alternate)
+
+    Faulty.name = name
+    return Faulty()
+
+
+def _flipped_dphi(layer: str):
+    """Dynamics whose ∂Φ/∂θ(s) − ∂Φ/∂θ(q) has the sign of ``layer`` flipped: the EP update of that
+    layer (and its EP processes, consistently) point the wrong way."""
+    from epbench.models.dynamics import ModelDynamics
+
+    class FlippedDphi(ModelDynamics):
+        def dphi_increment(self, s, q, s_at=None, q_at=None, scale=1.0):
+            inc = super().dphi_increment(s, q, s_at, q_at, scale)
+            return {k: (-v if k == layer else v) for k, v in inc.items()}
+
+    return FlippedDphi
+
+
 @NEEDS_NUMPY_PLUGIN
 def test_kit_catches_a_flipped_ep_update():
-    class FlippedEP(_numpy_backend_class()):
-        """ep_update with the sign of one layer's update flipped (W1x: input → hidden)."""
-
-        name = "numpy-flipped-ep"
-
-        def ep_update(self, spec, params, x, y, phase):
-            update = super().ep_update(spec, params, x, y, phase)
-            if "W1x" in update:
-                update["W1x"] = -update["W1x"]
-            return update
-
-    report = kit.check_backend(FlippedEP(), reference=None, quick=True)
+    """The EP update of one layer (W1x: input → hidden) with its sign flipped. Σ_t ep_theta(t) still
+    equals the update (both come from the same ∂Φ/∂θ differences), so ep_sum passes; the
+    differences of Φ in θ (ep_phi) and the reference backend catch it, on that layer only."""
+    report = kit.check_backend(_faulty_numpy("numpy-flipped-ep", _flipped_dphi("W1x")), reference="torch-cpu",
+                               quick=True, checks=("ep_sum", "ep_phi", "prop4_theta", "reference"))
     assert not report.ok
     failed = {(r.name, r.layer) for r in report.failed}
-    assert ("ep_sum", "W1x") in failed and ("ep_phi", "W1x") in failed
-    assert {r.layer for r in report.failed} == {"W1x"}
-    msg = next(r.message for r in report.failed if r.name == "ep_sum" and r.model.startswith("eb 20-16-5"))
-    for part in ("ep_sum", "eb 20-16-5", "layer W1x", "measured error", "allowed 1e-09", "float64"):
+    assert ("ep_phi", "W1x") in failed and ("reference", "W1x") in failed, report.format()
+    assert {r.layer for r in report.failed} == {"W1x"}, report.format()
+    assert not report.select("ep_sum", "failed") and not report.select("prop4_theta", "failed")
+    msg = next(r.message for r in report.failed if r.name == "ep_phi" and r.model.startswith("eb 20-16-5"))
+    for part in ("ep_phi", "eb 20-16-5", "layer W1x", "measured error", "allowed 1e-06", "float64"):
         assert part in msg, msg
-    with pytest.raises(kit.ConformanceError, match=r"ep_sum: eb 20-16-5 tanh \[paper, float64\] layer W1x"):
+    ref = next(r.message for r in report.failed if r.name == "reference" and r.model.startswith("eb 20-16-5"))
+    assert "ep_update vs torch-cpu" in ref and "allowed 1e-10" in ref, ref
+    with pytest.raises(kit.ConformanceError, match=r"ep_phi: eb 20-16-5 tanh \[paper, float64\] layer W1x"):
         report.raise_for_failures()
 
 
 @NEEDS_NUMPY_PLUGIN
 def test_kit_catches_a_broken_prop4_recursion():
-    from epbench_numpy.model import Net
+    from epbench.models.dynamics import ModelDynamics
 
-    class LeakyNet(Net):
-        """The backward step of hidden layer s1 forgets the leak term (1 − h)·∂L/∂s1'."""
+    class LeakyVJP(ModelDynamics):
+        """The one-step VJP of hidden layer s1 forgets the leak term (1 − h)·∂L/∂s1'."""
 
-        def vjp(self, s, u, a):
-            grads, dtheta = super().vjp(s, u, a)
-            grads[1] = grads[1] - (1.0 - self.h) * a[1]
-            return grads, dtheta
+        def vjp(self, s, g):
+            g_s, raw = super().vjp(s, g)
+            g_s = list(g_s)
+            g_s[1] = g_s[1] - (1.0 - self.spec.step) * g[1]
+            return g_s, raw
 
-    class BrokenBPTT(_numpy_backend_class()):
-        name = "numpy-broken-bptt"
-        net_class = LeakyNet
-
-    report = kit.check_backend(BrokenBPTT(), reference=None, quick=True,
+    report = kit.check_backend(_faulty_numpy("numpy-broken-bptt", LeakyVJP), reference=None, quick=True,
                                checks=("prop4_s", "bptt_fd", "prop4_theta", "ep_sum"))
     failed = report.select("prop4_s", "failed")
     assert any(r.model.startswith("eb 20-16-5") and r.layer == "s1" for r in failed), report.format()
@@ -148,21 +166,15 @@ def test_kit_catches_a_lossy_parameter_round_trip_and_wrong_capabilities():
 
 @NEEDS_NUMPY_PLUGIN
 def test_generated_checks_raise_and_skip_like_pytest_expects():
-    class FlippedEP(_numpy_backend_class()):
-        name = "numpy-flipped"
-
-        def ep_update(self, spec, params, x, y, phase):
-            update = super().ep_update(spec, params, x, y, phase)
-            return {k: (-v if k == "W12" else v) for k, v in update.items()}
-
-    checks = {str(c): c for c in kit.generate_checks(FlippedEP(), reference=None, quick=True)}
-    check_id, fn = checks["ep_sum[p-paper-float64]"]  # an (id, callable) pair
-    assert check_id == "ep_sum[p-paper-float64]"
-    with pytest.raises(kit.ConformanceError, match="ep_sum: p 20-16-16-5 tanh .* layer W12"):
-        checks["ep_sum[p-paper-float64]"]()
-    with pytest.raises(unittest.SkipTest, match="does not implement the toy model"):
-        checks["ep_sum[toy-paper-float64]"]()
-    assert all(r.passed for r in checks["ep_sum[eb-paper-float64]"]())
+    flipped = _faulty_numpy("numpy-flipped", _flipped_dphi("W12"))
+    checks = {str(c): c for c in kit.generate_checks(flipped, reference=None, quick=True)}
+    check_id, fn = checks["ep_phi[p-paper-float64]"]  # an (id, callable) pair
+    assert check_id == "ep_phi[p-paper-float64]"
+    with pytest.raises(kit.ConformanceError, match="ep_phi: p 20-16-16-5 tanh .* layer W12"):
+        checks["ep_phi[p-paper-float64]"]()
+    with pytest.raises(unittest.SkipTest, match="no analytic step_vjp"):
+        checks["ep_phi[pconv-paper-float64]"]()
+    assert all(r.passed for r in checks["ep_phi[eb-paper-float64]"]())
     assert callable(fn)
 
 

@@ -1,17 +1,20 @@
 """The ``official-code`` flavour reproduces the official code's outputs (tests/data/golden).
 
-Everything goes through the Backend API (first_phase, ep_update, bptt_grad, gdu, train_epoch).
+Everything goes through the core on a backend (``compute.first_phase``, ``compute.gradient`` of
+"ep" and "bptt", ``compute.gdu``, ``training.train_epochs``).
 The float32 references (``p1h``, ``eb1h``) are checked in float32 and float64 at relative 1e-4;
 the float64 references (``float64/p1h``, ``float64/eb1h``, ``float64/pconv``) in float64 at
 relative 1e-8, on every backend that supports the model. How the golden arrays relate to the
 API (docs/equations.md, last section):
 
-* ``nS[t] = bptt_s[i][t]`` and ``dS[t] = −ep_s[i][t]`` for t = 0..K−1, both forced to 0 for t < i;
+* ``nS[t] = bptt_s[i][t]`` and ``dS[t] = −ep_s[i][t]`` for t = 0..K−1, both forced to 0 for t < i
+  (``bptt_s`` = ``processes["bptt"].s``, ``ep_s`` = ``processes["ep"].s`` of ``compute.gdu``);
 * ``NT[k] = Σ_{τ=1..k+1} bptt_theta(τ)`` and ``DT[k] = −Σ_{τ=1..k+1} ep_theta(τ)``;
-* ``ep/…`` is ``ep_update``, ``bptt/…`` is ``bptt_grad`` (official span: K+1 steps for the
-  fully connected models, K for pconv); so ``DT[k]`` is also ``−ep_update`` with K = k+1;
+* ``ep/…`` is the EP update Δθ = −``gradient(…, "ep")``, ``bptt/…`` is ``gradient(…, "bptt")``
+  (official span: K+1 steps for the fully connected models, K for pconv); so ``DT[k]`` is also
+  −Δθ with K = k+1;
 * ``s_nudged`` (after K nudged steps) is not returned by the API: it is read back sample by
-  sample, for the dense models from the bias part of ``ep_update``,
+  sample, for the dense models from the bias part of Δθ,
   ``∂Φ/∂b_i(s^β_K) = ∂Φ/∂b_i(s*) + ep_scale·Δb_i`` with ``∂Φ/∂b_i = h ρ(s_i)`` (EB) or ``s_i`` (P),
   for pconv (whose bias derivatives are channel sums) from the EP state process,
   ``s^β_K = s* + ep_scale·Σ_{t<K} ep_s[i][t]``.
@@ -30,6 +33,7 @@ import numpy as np
 import pytest
 
 from conftest import load_backend, selected_backends
+from epbench import compute, training
 from epbench.spec import ModelSpec, PhaseSettings, TrainSettings
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "data", "golden")
@@ -106,6 +110,11 @@ def weight_names(names):
     return {g: n for g, n in names.items() if g.endswith(".weight")}
 
 
+def ep_update(backend, spec, P, x, y, phase):
+    """The EP update Δθ (added to θ in training): minus EP's gradient estimate."""
+    return {k: -v for k, v in compute.gradient(backend, spec, P, x, y, phase, "ep").items()}
+
+
 def check_reproduced(backend, golden, dtype, tol):
     """Every array of one golden file through the Backend API."""
     data, spec, ph, names, p_np = golden
@@ -114,28 +123,29 @@ def check_reproduced(backend, golden, dtype, tol):
     x, y = data["x"], data["y"]
     K, L = phase.K, spec.n_layers - 1
 
-    s_free = backend.first_phase(spec, P, x, phase.T)
+    s_free = compute.first_phase(backend, spec, P, x, phase.T)
     for i in range(L + 1):
         np.testing.assert_allclose(s_free[i], data[f"s_free/{i}"], **tol, err_msg=f"s_free/{i}")
 
-    ep = backend.ep_update(spec, P, x, y, phase)
-    bp = backend.bptt_grad(spec, P, x, y, phase)
+    ep = ep_update(backend, spec, P, x, y, phase)
+    bp = compute.gradient(backend, spec, P, x, y, phase, "bptt")
     for gname, name in names.items():
         np.testing.assert_allclose(ep[name], data[f"ep/{gname}"], **tol, err_msg=f"ep/{gname}")
         np.testing.assert_allclose(bp[name], data[f"bptt/{gname}"], **tol, err_msg=f"bptt/{gname}")
 
-    g = backend.gdu(spec, P, x, y, phase)
+    g = compute.gdu(backend, spec, P, x, y, phase, algorithms=("ep",))
+    ep_p, bp_p = g.processes["ep"], g.processes["bptt"]
     for i in range(L + 1):
         np.testing.assert_allclose(g.s_free[i], data[f"s_free/{i}"], **tol)
-        nS = np.array(g.bptt_s[i][:K], dtype=np.float64)
-        dS = -np.array(g.ep_s[i][:K], dtype=np.float64)
+        nS = np.array(bp_p.s[i][:K], dtype=np.float64)
+        dS = -np.array(ep_p.s[i][:K], dtype=np.float64)
         nS[:i] = 0.0  # the plotting convention of the official code
         dS[:i] = 0.0
         np.testing.assert_allclose(nS, data[f"nS/{i}"][:, 0], **tol, err_msg=f"nS/{i}")
         np.testing.assert_allclose(dS, data[f"dS/{i}"][:, 0], **tol, err_msg=f"dS/{i}")
     for gname, name in weight_names(names).items():
-        NT = np.cumsum(np.asarray(g.bptt_theta[name][1:], dtype=np.float64), axis=0)
-        DT = -np.cumsum(np.asarray(g.ep_theta[name][1:], dtype=np.float64), axis=0)
+        NT = np.cumsum(np.asarray(bp_p.theta[name][1:], dtype=np.float64), axis=0)
+        DT = -np.cumsum(np.asarray(ep_p.theta[name][1:], dtype=np.float64), axis=0)
         np.testing.assert_allclose(NT, data[f"NT/{gname}"], **tol, err_msg=f"NT/{gname}")
         np.testing.assert_allclose(DT, data[f"DT/{gname}"], **tol, err_msg=f"DT/{gname}")
 
@@ -150,13 +160,13 @@ def check_nudged_states(backend, golden, tol):
     for j in range(x.shape[0]):
         xj, yj = x[j:j + 1], y[j:j + 1]
         if spec.kind == "pconv":  # not clamped: the EP state process sums to s^β_K − s*
-            g = backend.gdu(spec, P, xj, yj, phase)
+            g = compute.gdu(backend, spec, P, xj, yj, phase, algorithms=("ep",))
             for i in range(spec.n_layers):
-                got = g.s_free[i][0] + scale * np.sum(g.ep_s[i][:phase.K], axis=0)
+                got = g.s_free[i][0] + scale * np.sum(g.processes["ep"].s[i][:phase.K], axis=0)
                 np.testing.assert_allclose(got, data[f"s_nudged/{i}"][j], **tol, err_msg=f"s_nudged/{i}, sample {j}")
             continue
-        s_star = backend.first_phase(spec, P, xj, phase.T)
-        delta = backend.ep_update(spec, P, xj, yj, phase)
+        s_star = compute.first_phase(backend, spec, P, xj, phase.T)
+        delta = ep_update(backend, spec, P, xj, yj, phase)
         for i in range(spec.n_layers):
             got = dphi_db(spec, s_star[i][0].astype(np.float64)) + scale * delta[f"b{i}"]
             want = dphi_db(spec, data[f"s_nudged/{i}"][j].astype(np.float64))
@@ -187,8 +197,9 @@ def backend64(request):
 @pytest.fixture(params=["p1h", "eb1h", "pconv"])
 def golden64(request, backend64):
     golden = load_golden(f"float64/{request.param}")
-    if golden[1].kind not in backend64.capabilities.kinds:
-        pytest.skip(f"{backend64.name} does not support {golden[1].kind}")
+    reason = backend64.supports(golden[1], "float64")
+    if reason:
+        pytest.skip(reason)
     return golden
 
 
@@ -203,16 +214,19 @@ def test_golden64_nudged_states(backend64, golden64):
 def test_pconv_ep_update_and_training_follow_the_late_pool_indices(backend):
     """The EP update and one EP training step with K nudged steps are −DT[K−1]; at K = 3 the
     argmax positions of s^β_{K−1} and s^β_K differ (see the next test), so the update itself
-    depends on the rule, whether asked for (ep_update) or applied with learning rate 1
-    (train_epoch)."""
+    depends on the rule, whether asked for (the EP update) or applied with learning rate 1
+    (one training epoch of one batch)."""
     K = 3
     data, spec, ph, names, p_np = load_golden("float64/pconv")
+    reason = backend.supports(spec, "float64")
+    if reason:
+        pytest.skip(reason)
     phase = PhaseSettings(**dict(ph, K=K), dtype="float64")
     P = backend.from_numpy(spec, p_np, "float64")
     x, y = data["x"], data["y"]
-    ep = backend.ep_update(spec, P, x, y, phase)
+    ep = ep_update(backend, spec, P, x, y, phase)
     train = TrainSettings(lrs=(1.0,) * spec.n_layers, batch_size=x.shape[0])
-    res = backend.train_epoch(spec, P, x, y.argmax(1), phase, train, "ep")
+    res = training.train_epochs(backend, spec, [P], [x], [y.argmax(1)], phase, train, "ep")[0]
     trained = backend.to_numpy(spec, res.params)
     for gname, name in weight_names(names).items():
         want = -data[f"DT/{gname}"][K - 1]
@@ -222,26 +236,29 @@ def test_pconv_ep_update_and_training_follow_the_late_pool_indices(backend):
 
 # ----- the pooling-index rule -----------------------------------------------------------------
 def _dt_w12_both_rules(spec, p_np, x, y, phase):
-    """DT[t] of W12 for t = 0..K−1 from torch-cpu's own nudged trajectory and ∂Φ/∂θ, with the
-    argmax positions of the previous state (the rule) and of the state itself (Lemma 5)."""
+    """DT[t] of W12 for t = 0..K−1 from torch-cpu's own nudged trajectory and ∂Φ/∂θ (the
+    core's pconv model on its dynamics), with the argmax positions of the previous state (the
+    rule) and of the state itself (Lemma 5)."""
     import torch
 
-    from epbench_torch import algorithms as A
-    from epbench_torch.models import build_model
+    from epbench.phases import first_phase, last
 
+    backend = load_backend("torch-cpu")
     K, scale = phase.K, spec.ep_scale(phase.beta)
-    model = build_model(spec)
-    params = {k: torch.tensor(v) for k, v in p_np.items()}
-    xt, yt = torch.tensor(x), torch.tensor(y)
-    drives, ctx = model.drive(params, xt)
-    hist = A.free_phase(model, params, drives, A.zero_states(spec, x.shape[0], xt), phase.T, keep=2)
-    traj = [hist[0]] + A.nudged_phase(model, params, drives, hist[1], yt, phase.beta, K, keep_all=True)
+    P = backend.from_numpy(spec, p_np, "float64")
+    xt, yt = backend.asarray(x, "float64"), backend.asarray(y, "float64")
+    with torch.no_grad():
+        dyn = backend.dynamics(spec, P, xt)
+        s_T, hist = first_phase(backend.ops, dyn, phase.T, 1)
+        traj = [last(backend.ops, hist), s_T]
+        for _ in range(K):
+            traj.append(dyn.step(traj[-1], (phase.beta, yt)))
 
-    def dt(t, late):  # traj[0] = s_{T−1}, traj[1] = s*, traj[t + 2] = s^β_{t+1}
-        at = dict(s_at=traj[t + 1], q_at=traj[0]) if late else {}
-        return -model.dphi_increment(params, ctx, traj[t + 2], traj[1], **at)["W12"].numpy() / scale
+        def dt(t, late):  # traj[0] = s_{T−1}, traj[1] = s*, traj[t + 2] = s^β_{t+1}
+            at = (traj[t + 1], traj[0]) if late else (None, None)
+            return -dyn.dphi_increment(traj[t + 2], traj[1], *at)["W12"].numpy() / scale
 
-    return [np.stack([dt(t, late) for t in range(K)]) for late in (True, False)]
+        return [np.stack([dt(t, late) for t in range(K)]) for late in (True, False)]
 
 
 def test_pconv_dt_needs_the_late_pool_indices():

@@ -1,7 +1,7 @@
 """Why BPTT stays near chance on EB-2h, P-2h and P-3h in the paper flavour while EP learns.
 
 Table 4 settings (``epbench.presets.table4``), the core's initial weights (``epbench.params``),
-seed 0, real mnist-5k digits, torch-cpu through the Backend API, float32 as in the training runs
+seed 0, real mnist-5k digits, torch-cpu through the core (``compute``, ``training``), float32 as in the training runs
 (what is shown does not hang on rounding: exact zeros of the clamp, saturation by orders of
 magnitude). The two weight scales compared:
 
@@ -39,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from epbench import presets
+from epbench import compute, presets, training
 from epbench.params import init_params
 
 from conftest import load_backend
@@ -79,7 +79,7 @@ def _train(backend, row, P, algorithm, x, labels, steps, first=0):
     images), Table 4 learning rates; native parameters in and out."""
     spec, phase, train = presets.table4(row, flavor="paper")
     part = slice(20 * first, 20 * (first + steps))
-    result = backend.train_epoch(spec, P, x[part], labels[part], phase, train, algorithm)
+    result = training.train_epochs(backend, spec, [P], [x[part]], [labels[part]], phase, train, algorithm)[0]
     assert not result.diverged
     return result.params
 
@@ -92,7 +92,8 @@ def _native(backend, row, scale):
 def _unsettled(backend, row, P, x) -> float:
     """Share of images whose first phase has not settled: max_i ‖s^i_T − s^i_{T−1}‖_∞ > 1e-3."""
     spec, phase, _ = presets.table4(row, flavor="paper")
-    last, before = backend.first_phase(spec, P, x, phase.T), backend.first_phase(spec, P, x, phase.T - 1)
+    last = compute.first_phase(backend, spec, P, x, phase.T)
+    before = compute.first_phase(backend, spec, P, x, phase.T - 1)
     drift = np.max([np.abs(a - b).reshape(len(x), -1).max(axis=1) for a, b in zip(last, before)], axis=0)
     return float(np.mean(drift > 1e-3))
 
@@ -101,7 +102,7 @@ def _target_saturated(backend, row, P, x, labels) -> float:
     """Share of images whose correct-class output unit is saturated low: ρ'(pre⁰) < SATURATED with
     s⁰ < 1/2, where ρ'(pre⁰) = 4 s⁰ (1 − s⁰) at the fixed point s⁰ = ρ(pre⁰) of a P model."""
     spec, phase, _ = presets.table4(row, flavor="paper")
-    s0 = backend.first_phase(spec, P, x, phase.T)[0][np.arange(len(labels)), labels]
+    s0 = compute.first_phase(backend, spec, P, x, phase.T)[0][np.arange(len(labels)), labels]
     return float(np.mean((4.0 * s0 * (1.0 - s0) < SATURATED) & (s0 < 0.5)))
 
 
@@ -114,23 +115,23 @@ def test_eb2h_glorot_bptt_stops_on_the_clamp_bound_ep_does_not(torch_cpu, digits
     spec, phase, _ = presets.table4("eb-2h", flavor="paper")
     xb, yb = x_test[:20], np.eye(10)[y_test[:20]]
     stuck = _train(torch_cpu, "eb-2h", _native(torch_cpu, "eb-2h", "glorot"), "bptt", x, labels, 5)
-    s0 = torch_cpu.first_phase(spec, stuck, x_test, phase.T)[0]
+    s0 = compute.first_phase(torch_cpu, spec, stuck, x_test, phase.T)[0]
     assert np.mean(s0 == 0.0) > 0.999, f"{np.mean(s0 > 0):.4f} of the output states are off the clamp bound"
-    assert torch_cpu.evaluate(spec, stuck, x_test, y_test, phase.T) == pytest.approx(90.0)
-    bptt = torch_cpu.bptt_grad(spec, stuck, xb, yb, phase)
-    assert np.all(torch_cpu.first_phase(spec, stuck, xb, phase.T)[0] == 0.0)
+    assert training.evaluate(torch_cpu, spec, stuck, x_test, y_test, phase.T) == pytest.approx(90.0)
+    bptt = compute.gradient(torch_cpu, spec, stuck, xb, yb, phase, "bptt")
+    assert np.all(compute.first_phase(torch_cpu, spec, stuck, xb, phase.T)[0] == 0.0)
     assert all(np.all(g == 0.0) for g in bptt.values()), {k: float(np.abs(g).max()) for k, g in bptt.items()}
     # SGD with BPTT has stopped: five more steps leave every parameter as it was, bit for bit
     before = torch_cpu.to_numpy(spec, stuck)
     after = torch_cpu.to_numpy(spec, _train(torch_cpu, "eb-2h", stuck, "bptt", x, labels, 5, first=5))
     assert all(np.array_equal(before[k], after[k]) for k in before)
-    ep = torch_cpu.ep_update(spec, stuck, xb, yb, phase)
+    ep = {k: -v for k, v in compute.gradient(torch_cpu, spec, stuck, xb, yb, phase, "ep").items()}
     assert np.linalg.norm(ep["W01"]) > 0.1, "EP's nudge should lift the target unit off the bound"
     assert all(np.abs(ep[name]).max() > 0 for name in spec.weight_names())
     # the same paper-flavour model from the official code's narrower weights: BPTT keeps its gradient
     alive = _train(torch_cpu, "eb-2h", _native(torch_cpu, "eb-2h", "narrow"), "bptt", x, labels, 5)
-    assert np.mean(torch_cpu.first_phase(spec, alive, x_test, phase.T)[0] > 0.0) > 0.1
-    assert _norm(torch_cpu.bptt_grad(spec, alive, xb, yb, phase)) > 0.05
+    assert np.mean(compute.first_phase(torch_cpu, spec, alive, x_test, phase.T)[0] > 0.0) > 0.1
+    assert _norm(compute.gradient(torch_cpu, spec, alive, xb, yb, phase, "bptt")) > 0.05
 
 
 @pytest.mark.parametrize("row", ["p-2h", "p-3h"])
@@ -151,7 +152,7 @@ def test_deep_p_glorot_first_phase_oscillates_and_bptt_saturates_the_target_unit
 
 def _train_table(rows_by_experiment: dict):
     """A tidy training table of the runner's schema: {experiment: (flavour, EP final, BPTT final)}
-    over two trials and two epochs, the verdict of :func:`epbench.runner.train_status` per trial."""
+    over two trials and two epochs, the verdict of :func:`epbench.training.train_status` per trial."""
     from epbench.results import to_frame
     from epbench.runner import train_status
 

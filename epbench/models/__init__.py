@@ -60,6 +60,15 @@ class Model:
 
         return layer_of_name(name)
 
+    def init_params(self, spec, seed: int) -> dict:
+        """Initial parameters (NumPy float64) from a seed, the same on every backend. The default
+        is :func:`epbench.params.init_params`: Glorot-uniform weights (paper flavour) or
+        PyTorch's defaults with biases (official-code flavour), drawn in the order of
+        :meth:`param_shapes`."""
+        from epbench.params import init_params
+
+        return init_params(spec, seed)
+
     def default_dt(self, spec) -> float:
         """dt when the spec gives none."""
         return 1.0
