@@ -4,7 +4,7 @@ Theorem 1 compares ΔEP with −∇BPTT from a *steady state* s* (appendix eqs 2
 phase stops after T steps at s_T, whose leftover step ``d = ‖s_T − s_{T−1}‖_∞`` (the
 ``convergence`` metric, max over layers, units and batch) carries on into the nudged phase. The
 one-sided EP neuron process divides each step by the nudge, ``ΔEP_s(t) = (s^β_{t+1} − s^β_t) /
-ep_scale(β)`` with ``ep_scale = εβ`` (EB, toy) or ``β`` (P), so the drift alone adds up to
+ep_scale(β)`` with ``ep_scale = dt·β`` (ε·β for EB and toy, the leak times β for P), so the drift alone adds up to
 
     r = d / ep_scale(β)                                                   (drift ratio)
 

@@ -289,7 +289,7 @@ def _gdu_section(summary: pd.DataFrame) -> list[str]:
            "similarity (range over layers), and the first phase's leftover step ‖s_T − s_{T−1}‖_∞ (worst trial). "
            "Theorem 1 compares the processes from a steady state: a row counts as converged when the drift "
            "ratio r = ‖s_T − s_{T−1}‖_∞ / ep_scale(β) (the most the leftover drift adds to an entry of ΔEP_s; "
-           "ep_scale = εβ for EB and toy, β for P; with symmetric nudging the drift cancels between +β and −β "
+           "ep_scale = εβ for EB and toy, dt·β for P (dt = 1 without a leak); with symmetric nudging the drift cancels between +β and −β "
            f"and r = ‖s_T − s_{{T−1}}‖_∞ / (ep_scale / β)) is at most {DRIFT_SHARE:g} × its neuron-mean RelMSE; "
            "otherwise its RelMSE measures the drift, not the GDU property. An algorithm without β (RBP) "
            "assumes s_T is a fixed point: its rows count as converged when ‖s_T − s_{T−1}‖_∞ is within "

@@ -148,9 +148,19 @@ class ModelSpec(_Strict):
         return getattr(self.model, "bptt_span", lambda spec, K: K)(self, K)
 
     def ep_scale(self, beta: float) -> float:
-        """Divisor of the EP differences: the nudge the output actually receives per unit of
-        ∂ℓ/∂s. Energy-based models nudge by dt·β (eq. 71), prototypical ones by β (appendix C.4)."""
-        return self.step * beta if self.energy_based else beta
+        """Divisor of the EP differences: the nudge the output actually receives per step and
+        unit of ∂ℓ/∂s, dt·β (eq. 71; for P models the leak dt, 1 in the paper's, appendix C.4).
+        A P model's ∂Φ/∂θ differences are those of dt·Φ_P (the energy whose step of size dt
+        the leaky dynamics take), so its weight update stays (∂Φ_P/∂θ(s^β) − ∂Φ_P/∂θ(s*))/β,
+        as the official code's, while its neuron processes divide by dt·β, as its dS does."""
+        return self.step * beta
+
+    @property
+    def ep_phi_factor(self) -> float:
+        """The multiple of Φ whose ∂Φ/∂θ differences EP divides by :meth:`ep_scale`: 1 for an
+        energy-based model (its Φ carries dt), dt for a prototypical one (the energy dt·Φ_P
+        whose step of size dt the leaky dynamics take)."""
+        return 1.0 if self.energy_based else self.step
 
     def pconv_sides(self) -> tuple[int, int, int, int]:
         """pconv: (conv1 output side, pool1 side, conv2 output side, pool2 side)."""

@@ -147,7 +147,7 @@ class PConv(Model):
         by default each state's own); W2x: Unpool(s2 − q2, idx2) ⋆ u (idx2 is fixed by x); biases Σ."""
         xp = ops.xp
         B = s[0].shape[0]
-        c = 1.0 / (B * scale)
+        c = spec.ep_phi_factor / (B * scale)
         g1 = self._unpooled_s1(ops, spec, params, s[1], (s if s_at is None else s_at)[2])
         g1q = self._unpooled_s1(ops, spec, params, q[1], (q if q_at is None else q_at)[2])
         d = [a - b for a, b in zip(s, q)]

@@ -201,7 +201,8 @@ class Dense(Model):
     def dphi_increment(self, ops, spec, params, ctx, s, q, s_at=None, q_at=None, scale=1.0):
         """``c·([ρ(s_i)−ρ(q_i); ρ(q_i)]ᵀ[ρ(s_j); ρ(s_j)−ρ(q_j)])`` for W_{i,j} (one product, exactly
         0 where nothing moved), ``c·(ρ(s_i)−ρ(q_i))ᵀu`` for W_{i,x}, ``c·Σ_batch(ρ(s_i)−ρ(q_i))``
-        for b_i; c = dt/(B·scale) (EB, toy; ρ → identity and dt → 1 for P)."""
+        for b_i; c = dt/(B·scale) (ρ → identity for P, whose increments are those of dt·Φ_P:
+        ``ModelSpec.ep_scale``)."""
         xp = ops.xp
         B = s[0].shape[0]
         if self.energy_based:
@@ -209,7 +210,7 @@ class Dense(Model):
             rq = [ops.rho(spec.activation, v) for v in q]
             c = spec.step / (B * scale)
         else:
-            r, rq, c = list(s), list(q), 1.0 / (B * scale)
+            r, rq, c = list(s), list(q), spec.ep_phi_factor / (B * scale)
         d = [a - b for a, b in zip(r, rq)]
         out = {}
         for i, w in enumerate(self.lateral_names(spec)):

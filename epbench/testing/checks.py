@@ -840,7 +840,8 @@ def check_ep_sum(ctx: Context, unit: Unit, out: Recorder) -> None:
 def check_ep_phi(ctx: Context, unit: Unit, out: Recorder) -> None:
     """The nudged phase rebuilt from step_function (s^β_{t+1} = F(s^β_t) + h·β(y − s0) on the output):
     ep_s[i][t] = Σ_batch (s^β_{t+1} − s^β_t)/(B·ep_scale), and ep_update·v =
-    (Φ(s^β_K, θ+εv) − Φ(s^β_K, θ−εv) − Φ(s*, θ+εv) + Φ(s*, θ−εv)) / (2ε·B·ep_scale)."""
+    c·(Φ(s^β_K, θ+εv) − Φ(s^β_K, θ−εv) − Φ(s*, θ+εv) + Φ(s*, θ−εv)) / (2ε·B·ep_scale) with
+    c = ``spec.ep_phi_factor`` (1 for energy-based models, dt for prototypical ones)."""
     b, case, dtype = ctx.backend, unit.case, unit.dtype
     spec = case.spec
     _need_float64(ctx, unit)
@@ -874,7 +875,7 @@ def check_ep_phi(ctx: Context, unit: Unit, out: Recorder) -> None:
             q[name] = p[name] + sign * eps * v
             nq = dyn.native(q)
             diff += sign * (dyn.phi(traj[K], nq) - dyn.phi(s_star, nq))
-        want = diff / (2 * eps * dyn.B * scale)
+        want = spec.ep_phi_factor * diff / (2 * eps * dyn.B * scale)
         out.close(name, np.sum(upd[name] * v), want, 1e-6,
                   "ep_update·v vs differences of phi in θ at s^β_K and s* along a random v", floor=1e-8)
 
