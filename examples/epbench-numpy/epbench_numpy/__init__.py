@@ -1,4 +1,4 @@
-"""epbench-numpy: a pure-NumPy epbench backend for the fully connected EB and P models.
+"""epbench-numpy: a pure-NumPy epbench backend (the models with an analytic one-step VJP).
 
 Registered under the name ``numpy`` through the ``epbench`` entry point
 ``epbench_numpy.plugin``. It implements only the backend primitives (:mod:`epbench.backend`);
