@@ -2,8 +2,8 @@
 
 Registered under the name ``numpy`` through the ``epbench`` entry point
 ``epbench_numpy.plugin``. It implements only the backend primitives (:mod:`epbench.backend`);
-the phases, EP, BPTT (Prop. 4) and training are the core's. The one-step VJP is written out by
-hand with NumPy: no automatic differentiation.
+the models, phases, EP, BPTT (Prop. 4) and training are the core's. With no automatic
+differentiation, the VJP of one step is each model's analytic ``step_vjp``.
 """
 
 __version__ = "0.1.0"
