@@ -122,7 +122,8 @@ def test_convolution_and_pooling_primitives():
     and max-pooling keeps the first maximum of a window (row-major), as torch does."""
     from jax import lax
 
-    from epbench_jax import models as M
+    from epbench_jax import ops as M
+    from epbench_jax.ops import OPS
 
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
@@ -147,6 +148,17 @@ def test_convolution_and_pooling_primitives():
         rz, rw = jax.vjp(lambda a, b: jax.vjp(lambda v: ref(v, b), z)[1](a)[0], g, w)[1](nchw(h))
         np.testing.assert_allclose(nchw(dz), rz, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(dw, rw, rtol=1e-12, atol=1e-12)
+        # the Ops' forms: the kernel taken once, the layouts, the weight adjoint, Σ over channels
+        kernel = OPS.conv_kernel(w)
+        np.testing.assert_array_equal(OPS.conv2d(nhwc(z), kernel), M.conv(nhwc(z), w))
+        np.testing.assert_array_equal(OPS.conv_transpose2d(nhwc(g), kernel), M.conv_t(nhwc(g), w))
+        np.testing.assert_allclose(OPS.maps_to_canonical(OPS.conv2d(OPS.maps_from_canonical(z), kernel, w[:, 0, 0, 0])),
+                                   ref(z, w) + w[:, 0, 0, 0][:, None, None], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(OPS.conv2d_weight(nhwc(z), nhwc(g), w.shape), gw, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(OPS.flatten_maps(nhwc(z)), z.reshape(3, -1))
+        np.testing.assert_array_equal(OPS.unflatten_maps(z.reshape(3, -1), (4, 11, 11)), nhwc(z))
+        np.testing.assert_allclose(OPS.channel_sum(nhwc(z)), z.sum((0, 2, 3)), rtol=1e-12)
+        assert OPS.map_shape((4, 11, 9)) == (11, 9, 4)
         # pooling: ties go to the first maximum, odd sides drop the last row/column
         tie = jnp.asarray([[[[1.0], [1.0]], [[1.0], [0.0]]]])  # (1, 2, 2, 1): all but one equal
         val, idx = M.pool(tie, 2)
@@ -159,37 +171,61 @@ def test_convolution_and_pooling_primitives():
         # its derivative goes to the argmax only
         gpool = jax.grad(lambda a: jnp.sum(M.pool(a, 2)[0] * 3.0))(odd)
         np.testing.assert_array_equal(gpool, 3.0 * (up != 0))
+        np.testing.assert_array_equal(OPS.max_unpool(val, idx, 2, 7), up)
     # hard-sigmoid clip: derivative 1 on the closed interval [0, 1], as torch.clamp
-    from epbench_jax.models import clip01
-
-    d = jax.vmap(jax.grad(clip01))(jnp.asarray([-0.5, 0.0, 0.5, 1.0, 1.5]))
+    d = jax.vmap(jax.grad(OPS.clip01))(jnp.asarray([-0.5, 0.0, 0.5, 1.0, 1.5]))
     np.testing.assert_array_equal(d, [0.0, 1.0, 1.0, 1.0, 0.0])
+    d = jax.vmap(jax.grad(lambda v: OPS.rho("hard_sigmoid", v)))(jnp.asarray([-0.5, 0.0, 0.5, 1.0, 1.5]))
+    np.testing.assert_array_equal(d, [0.0, 1.0, 1.0, 1.0, 0.0])
+
+
+def test_products_at_full_precision():
+    """matmul, linear and matmul_add ask XLA for Precision.HIGHEST (IEEE float32 on GPUs)."""
+    from epbench_jax.ops import OPS
+
+    a, w, c = jnp.ones((2, 3)), jnp.ones((4, 3)), jnp.ones((2, 4))
+    for f in (lambda: OPS.matmul(a, w.T), lambda: OPS.linear(a, w, c[0]), lambda: OPS.matmul_add(c, a, w.T)):
+        text = jax.jit(f).lower().as_text()
+        assert "HIGHEST" in text, text
+
+
+def test_vjp_takes_any_sequence_of_cotangents():
+    """ops.vjp is jax.vjp (with has_aux); the pullback takes a list where the output is a tuple."""
+    from epbench_jax.ops import OPS
+
+    x = jnp.arange(3.0)
+    out, pull = OPS.vjp(lambda a: (a * 2.0, a * a), x)
+    (g,) = pull([jnp.ones(3), jnp.ones(3)])
+    np.testing.assert_array_equal(g, 2.0 + 2.0 * x)
+    out, pull, aux = OPS.vjp(lambda a: ([a * 3.0], "aux"), x, has_aux=True)
+    assert aux == "aux"
+    np.testing.assert_array_equal(pull((jnp.ones(3),))[0], jnp.full(3, 3.0))
 
 
 # ----- Prop. 4 against the unrolled graph ---------------------------------------------------
 def unrolled_bptt(spec, params, x, y, s_start, K):
     """∂L/∂s_{T−t} and ∂L/∂θ_{T−t} (one copy θ_t per step, drive included) by jax.grad through
-    K unrolled steps from s_start = s_{T−K}; ``models`` supplies the step only."""
-    from epbench_jax import models as M
+    K unrolled steps from s_start = s_{T−K}; the model supplies the step only."""
+    from epbench_jax.ops import OPS
 
-    u = M.input_of(spec, jnp.asarray(x))
-    s0 = M.to_internal(spec, [jnp.asarray(v) for v in s_start])
+    model = spec.model
+    x = jnp.asarray(x)
+    s0 = model.internal(OPS, spec, [jnp.asarray(v) for v in s_start])
     y = jnp.asarray(y)
 
     def loss(thetas, eps):
-        s = tuple(a + e for a, e in zip(s0, eps[0]))
+        s = [a + e for a, e in zip(s0, eps[0])]
         for t in range(K):
-            ps, pd = M.split_params(spec, thetas[t])
-            d, _ = M.drive(spec, pd, u)
-            s = M.step(spec, M.step_layout(spec, ps), d, s)
-            s = tuple(a + e for a, e in zip(s, eps[t + 1]))
+            inputs, ctx = model.prepare(OPS, spec, thetas[t], x)
+            s = model.step(OPS, spec, inputs, ctx, s)
+            s = [a + e for a, e in zip(s, eps[t + 1])]
         return jnp.sum((s[0] - y) ** 2) / (2 * y.shape[0])
 
     thetas = [{k: jnp.asarray(v) for k, v in params.items()} for _ in range(K)]
-    eps = [tuple(jnp.zeros_like(v) for v in s0) for _ in range(K + 1)]
+    eps = [[jnp.zeros_like(v) for v in s0] for _ in range(K + 1)]
     g_theta, g_eps = jax.jit(jax.grad(loss, argnums=(0, 1)))(thetas, eps)
     # t = 0..K: s_{T−t} is eps index K − t; θ_{T−t} (step s_{T−t} → s_{T−t+1}) is thetas[K − t]
-    bptt_s = [np.stack([np.asarray(M.to_external(spec, g_eps[K - t])[i]).sum(0) for t in range(K + 1)])
+    bptt_s = [np.stack([np.asarray(model.external(OPS, spec, g_eps[K - t])[i]).sum(0) for t in range(K + 1)])
               for i in range(spec.n_layers)]
     bptt_theta = {k: np.stack([np.zeros(np.shape(params[k]))]
                               + [np.asarray(g_theta[K - t][k]) for t in range(1, K + 1)]) for k in params}
@@ -226,25 +262,33 @@ def test_prop4_processes_match_unrolled_grad(jb, kind):
 
 @pytest.mark.parametrize("kind", sorted(PROP4))
 def test_dphi_increment_is_the_difference_of_dphi(kind):
-    """The EP processes use ∂Φ/∂θ(s) − ∂Φ/∂θ(s') written with increments; it equals the plain
-    difference, and is exactly 0 when s = s'."""
-    from epbench_jax import models as M
+    """The EP processes use ∂Φ/∂θ(s) − ∂Φ/∂θ(s') written with increments; with the JAX ops it
+    is the difference of jax.grad of ``spec.ep_phi_factor``·Φ (batch-averaged), and exactly 0
+    when s = s'."""
+    from epbench_jax.dynamics import JaxDynamics
+    from epbench_jax.ops import OPS
 
     spec = ModelSpec(**PROP4[kind])
     with jax.enable_x64(True):
         rng = np.random.default_rng(6)
         params = {k: jnp.asarray(rng.uniform(-0.5, 0.5, size=shape)) for k, shape in spec.param_shapes.items()}
         x, _ = small_batch(spec, 3, 7)
-        u = M.input_of(spec, jnp.asarray(x))
-        _, aux = M.drive(spec, M.split_params(spec, params)[1], u)
-        a = tuple(jnp.asarray(rng.uniform(-0.3, 1.1, size=(3, *sh))) for sh in M.internal_shapes(spec))
-        b = tuple(v + jnp.asarray(rng.normal(scale=0.05, size=v.shape)) for v in a)
-        inc = M.dphi_increment(spec, params, u, aux, a, b)
-        da, db = M.dphi(spec, params, u, aux, a), M.dphi(spec, params, u, aux, b)
-        zero = M.dphi_increment(spec, params, u, aux, a, a)
+        dyn = JaxDynamics(OPS, spec.model, spec, params, jnp.asarray(x))
+        a = [jnp.asarray(rng.uniform(-0.3, 1.1, size=v.shape)) for v in dyn.zeros()]
+        b = [v + jnp.asarray(rng.normal(scale=0.05, size=v.shape)) for v in a]
+        inc = dyn.dphi_increment(a, b, scale=0.5)
+
+        def dphi(s):
+            return jax.grad(lambda p: spec.model.phi(OPS, spec, p, dyn.x, s))(params)
+
+        da, db = dphi(a), dphi(b)
+        zero = dyn.dphi_increment(a, a)
+        inc, da, db, zero = jax.tree.map(np.asarray, (inc, da, db, zero))
     assert set(inc) == set(params)
+    # the increments of κ·Φ, κ = 1 for energy-based models, dt for prototypical ones
+    kappa = spec.ep_phi_factor
     for k in params:
-        np.testing.assert_allclose(inc[k], da[k] - db[k], rtol=1e-9, atol=1e-12, err_msg=k)
+        np.testing.assert_allclose(inc[k], kappa * (da[k] - db[k]) / (3 * 0.5), rtol=1e-9, atol=1e-12, err_msg=k)
         assert not np.any(np.asarray(zero[k])), k
 
 
@@ -298,7 +342,7 @@ def fused(monkeypatch):
 @pytest.mark.parametrize("case", sorted(FUSED_CASES))
 def test_fused_phases_equal_the_xla_loop(fused, case, monkeypatch):
     """float32: first phase, EP update (plain and symmetric nudging) and BPTT gradient with the
-    fused kernel agree with the XLA loop of models.step to float32 rounding."""
+    fused kernel agree with the XLA loop of the model's step to float32 rounding."""
     spec = ModelSpec(**FUSED_CASES[case])
     x, y = small_batch(spec, 7, seed=3)
     results = {}
@@ -327,7 +371,8 @@ def test_fused_phases_are_used_where_they_apply(fused):
     for a hidden layer that is not a multiple of 16 units."""
     from epbench.algorithms import FreePhase
     from epbench.phases import first_phase
-    from epbench_jax.dynamics import OPS, JaxDynamics, fused_phases
+    from epbench_jax.dynamics import JaxDynamics, fused_phases
+    from epbench_jax.ops import OPS
 
     alg = compute.algorithm("ep")
 
@@ -336,7 +381,7 @@ def test_fused_phases_are_used_where_they_apply(fused):
         st = compute.steps(spec, phase)
 
         def program(p, x, y, beta):
-            dyn = JaxDynamics(spec, p, x, alternate)
+            dyn = JaxDynamics(OPS, spec.model, spec, p, x, alternate)
             s_T, hist = first_phase(OPS, dyn, st.T, alg.history(st, spec))
             return alg.gradient(OPS, dyn, FreePhase(s_T, hist), y, beta, st, phase)
 

@@ -158,14 +158,17 @@ class JaxBackend(Backend):
     # ----- primitives ---------------------------------------------------------------------------
     @property
     def ops(self):
-        from epbench_jax.dynamics import OPS
+        from epbench_jax.ops import OPS
 
         return OPS
 
     def dynamics(self, spec: ModelSpec, params, x, alternate: bool = False):
+        """The registered model's :class:`~epbench.models.dynamics.ModelDynamics` with
+        :class:`~epbench_jax.ops.JaxOps`, its phases run by the fused CPU kernel where
+        ``native.chosen`` picks it (:class:`~epbench_jax.dynamics.JaxDynamics`)."""
         from epbench_jax.dynamics import JaxDynamics
 
-        return JaxDynamics(spec, params, x, alternate)
+        return JaxDynamics(self.ops, spec.model, spec, params, x, alternate)
 
     def run(self, key: tuple, build, *args):
         """Run the cached compiled program ``key`` (compiling ``build()`` on first use, for the
@@ -206,7 +209,7 @@ class JaxBackend(Backend):
         n = n or (8192 if self.platform == "cuda" else 2048)
         with self.precision(dtype):
             a = self.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.dtype(dtype)), dtype)
-            from epbench_jax.models import mm
+            from epbench_jax.ops import mm
 
             f = jax.jit(mm).lower(a, a).compile()
             jax.block_until_ready(f(a, a))

@@ -4,7 +4,7 @@ the jax-cpu programs through XLA's FFI.
 Why: a step of these models is two 20×512×10 products and a few element-wise passes, and XLA
 runs each as its own kernel; ``one_hidden.cc`` runs all the steps of a phase for one sample
 with its states in L1 cache, and shares the samples among XLA's intra-op threads (they are
-independent until the update). Same equations as ``models.step`` (float32 only; float64 and
+independent until the update). Same equations as the core's ``Dense.step`` (float32 only; float64 and
 every other model keep the XLA loop).
 
 Which one runs a phase the kernel handles (:func:`chosen`), by ``EPBENCH_JAX_NATIVE``:
@@ -134,21 +134,21 @@ def handles(spec: ModelSpec, dtype) -> bool:
             and spec.activation in ACTIVATIONS and np.dtype(dtype) == np.float32)
 
 
-def phase(spec: ModelSpec, ps: dict, d, s, n: int, nudge=None):
-    """n steps of ``models.step`` from s = (s0, s1), inside a jitted program. ``ps``: the step
-    parameters (W01, and b0 with biases), ``d``: the drive tuple (d[1] = W1x u + b1),
+def phase(spec: ModelSpec, inputs: dict, s, n: int, nudge=None) -> list:
+    """n steps of the model's step from s = (s0, s1), inside a jitted program. ``inputs``: the
+    step inputs of ``Dense.prepare`` (W01, b0 with biases, and the drive d1 = W1x u + b1),
     ``nudge``: (β, y) for the nudged phase."""
     import jax
     import jax.numpy as jnp
 
     s0, s1 = s
-    w = ps["W01"]
-    b0 = ps["b0"] if spec.biases else jnp.zeros((1,), s0.dtype)
+    w = inputs["W01"]
+    b0 = inputs["b0"] if spec.biases else jnp.zeros((1,), s0.dtype)
     beta, y = nudge if nudge is not None else (jnp.zeros((), s0.dtype), jnp.zeros((1,), s0.dtype))
     call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct(s0.shape, s0.dtype), jax.ShapeDtypeStruct(s1.shape, s1.dtype)),
                             vmap_method="sequential")
-    out0, out1 = call(w, b0, d[1], s0, s1, y, jnp.asarray(beta, s0.dtype), n=np.int64(n),
+    out0, out1 = call(w, b0, inputs["d1"], s0, s1, y, jnp.asarray(beta, s0.dtype), n=np.int64(n),
                       energy_based=spec.kind == "eb", activation=np.int32(ACTIVATIONS[spec.activation]),
                       sigma_prime_out=bool(spec.output_sigma_prime), clamp=bool(spec.clamp),
                       has_bias=bool(spec.biases), nudged=nudge is not None, dt=np.float32(spec.step))
-    return out0, out1
+    return [out0, out1]

@@ -98,15 +98,15 @@ def store(path: Path, entry_key: str, entry: dict) -> None:
 
 def measure(spec: ModelSpec, batch: int, steps: int, nudged: bool) -> dict:
     """:func:`race` on this phase: both implementations compiled as programs of their own that
-    run the phase alone, from s = 0, with the step parameters and drive of
-    ``dynamics.JaxDynamics`` computed beforehand (initial parameters of seed 0, inputs uniform in
-    [0, 1]). May run while another program is being traced."""
+    run the phase alone, from s = 0, with the step inputs of ``dynamics.JaxDynamics`` computed
+    beforehand (initial parameters of seed 0, inputs uniform in [0, 1]). May run while another
+    program is being traced."""
     import jax
 
     from epbench.params import init_params
     from epbench_jax import dynamics as D
-    from epbench_jax import models as M
     from epbench_jax import native
+    from epbench_jax.ops import OPS
 
     rng = np.random.default_rng(0)
     with jax.ensure_compile_time_eval():
@@ -116,23 +116,22 @@ def measure(spec: ModelSpec, batch: int, steps: int, nudged: bool) -> dict:
             np.eye(spec.n_out, dtype=np.float32)[rng.integers(0, spec.n_out, batch)],
             np.float32(0.5)))
 
-    def prepare(params, x):
-        prep = D.JaxDynamics(spec, params, x)
-        return prep.psl, prep.d
+    def dynamics(params, x):
+        return D.JaxDynamics(OPS, spec.model, spec, params, x)
 
-    psl, d = jax.jit(prepare).lower(params, x).compile()(params, x)
-    args = (params, x, psl, d, y, beta)
+    inputs = jax.jit(lambda params, x: dynamics(params, x).inputs).lower(params, x).compile()(params, x)
+    args = (params, x, inputs, y, beta)
 
     def program(kernel: bool):
-        def run(params, x, psl, d, y, beta):
-            prep = D.JaxDynamics(spec, params, x)
-            prep.psl, prep.d = psl, d  # computed beforehand: XLA drops the drive here
-            s = M.zero_states(spec, batch, x.dtype)
+        def run(params, x, inputs, y, beta):
+            dyn = dynamics(params, x)
+            dyn.inputs = inputs  # computed beforehand: XLA drops the drive here
+            s = dyn.zeros()
             nudge = (beta, y) if nudged else None
             if kernel:
-                return native.phase(spec, prep.psl, prep.d, s, steps, nudge)
+                return native.phase(spec, dyn.inputs, s, steps, nudge)
             with D.fused_phases(False):
-                return prep.run(s, steps, nudge)
+                return dyn.run(s, steps, nudge)
 
         exe = jax.jit(run).lower(*args).compile()
         return lambda: jax.block_until_ready(exe(*args))
