@@ -42,7 +42,8 @@ def test_dphi_increment_is_the_difference_of_dphi(kind):
     zero = model.dphi_increment(ops, spec, params, ctx, s_in, s_in)
     assert set(inc) == set(params)
     for k in params:
-        np.testing.assert_allclose(inc[k].numpy(), (ds[k] - dq[k]).numpy(), rtol=1e-9, atol=1e-12, err_msg=k)
+        want = spec.ep_phi_factor * (ds[k] - dq[k]).numpy()  # the increments of dt·Φ for P (dt = 0.2 here)
+        np.testing.assert_allclose(inc[k].numpy(), want, rtol=1e-9, atol=1e-12, err_msg=k)
         np.testing.assert_allclose(half[k].numpy(), inc[k].numpy() / 2, rtol=1e-14, atol=0, err_msg=k)
         assert np.abs(inc[k].numpy()).max() > 0, k
         assert not torch.any(zero[k]), k
