@@ -49,8 +49,9 @@ provenance         run_id, epbench_version, git_commit, git_dirty, suite, suite_
                    ``pop_implementation()``: e.g. ``xla-loop`` or ``fused-cpp`` on jax-cpu);
                    cpu_model, cpu_flags (vector extensions), gpu_name, gpu_driver,
                    cuda_version (empty off a GPU): :mod:`epbench.hardware`;
-                   wall_time_s (of the whole experiment x trial; the trials of a training
-                   experiment run together, each gets an equal share, as does epoch_time_s)
+                   wall_time_s (of the row's cell: experiment x trial, x algorithm for
+                   training; a resumed cell's includes its earlier attempts' epochs)
+cell               the key of the row's cell (:mod:`epbench.cells`): SHA-256 of its settings
 =================  ==============================================================
 """
 
@@ -78,7 +79,7 @@ COLUMNS = [
     "metric", "layer", "quantity", "epoch", "t", "unit", "value", "status", "compile_s", "run_s", "wall_time_s",
     "epbench_version", "git_commit", "git_dirty", "suite", "suite_hash", "backend", "framework",
     "framework_version", "device", "implementation", "cpu_model", "cpu_flags", "gpu_name", "gpu_driver",
-    "cuda_version", "start_time",
+    "cuda_version", "start_time", "cell",
 ]
 #: the algorithm every other one's GDU processes are compared with
 REFERENCE = "bptt"
