@@ -170,6 +170,8 @@ class Checkpoint:
         shutil.rmtree(self.old, ignore_errors=True)
 
     def load(self) -> tuple[dict[str, np.ndarray], dict] | None:
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # an attempt killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
         for path in (self.path, self.old):
             try:
                 state = json.loads((path / "state.json").read_text())
