@@ -127,6 +127,11 @@ def test_killed_run_continues_to_the_same_table(workdir, reference, point, resum
     assert info["cells"]["resumed"] == resumed and info["cells"]["done"] == N_CELLS
     assert_same_table(run_dir, reference)
     assert not [p for p in (run_dir / "cells").iterdir() if ".ckpt" in p.name]
+    if point == "epoch:2":  # the report says which cells were resumed
+        assert epbench("report", str(run_dir), cwd=workdir).returncode == 0
+        report = (run_dir / "report.md").read_text()
+        assert "| **cells** | 6 of 6 done; 2 finished by an earlier attempt (attempts: 2); resumed from a " \
+               "checkpoint: t trial 1 ep (after epoch 1); ran in process |" in report
 
 
 def test_checkpoint_is_arrays_and_json(workdir):
@@ -245,3 +250,22 @@ def test_dask_scheduler_with_a_worker_killed_mid_cell(workdir, reference, dask_c
     assert info["executor"] == f"dask on {address}" and info["cells"]["done"] == N_CELLS
     assert len(info["cells"]["resumed"]) == 1  # the lost cell continued from its checkpoint
     assert_same_table(run_dir, reference)
+
+
+def test_slurm_config_example(tmp_path):
+    """The documented SLURM configuration builds a dask-jobqueue cluster whose job script asks for
+    one GPU and gives the worker the GPU resource the cells ask for (nothing is submitted: scale 0)."""
+    pytest.importorskip("dask_jobqueue")
+    import yaml
+
+    from epbench.executors import dask_cluster
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "parallel" / "slurm.yaml").read_text())
+    config = tmp_path / "slurm.yaml"
+    config.write_text(yaml.safe_dump({**doc, "scale": 0}))
+    cluster = dask_cluster(str(config))
+    try:
+        script = cluster.job_script()
+        assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
+    finally:
+        cluster.close()
