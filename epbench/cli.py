@@ -226,7 +226,7 @@ def _run_with_progress(suite, path, digest, opts, verbose, on_start=None):
         def progress(message, done, total):
             if total:
                 bar.update(task, completed=done, total=total, description=escape(message))
-            elif verbose > 0 or message.startswith(("skipping", "warning", "continuing")):
+            elif verbose > 0 or message.startswith(("skipping", "warning", "continuing", "compiling")):
                 console.print(escape(message))
 
         return run_suite(suite, path, digest, opts, progress, on_start)

@@ -51,12 +51,15 @@ class ExecutorOptions:
         return f"dask on {where}"
 
 
-def run_tasks(tasks: list[dict], opts: ExecutorOptions, say=None) -> Iterator[dict]:
-    """Each task's record, in the order the cells finish."""
+def run_tasks(tasks: list[dict], opts: ExecutorOptions, say=None, before=None) -> Iterator[dict]:
+    """Each task's record, in the order the cells finish. In process, ``before(task)`` is called
+    before each cell and ``say(message)`` with its progress lines."""
     if opts.in_process:
         from epbench.cells import execute_cell
 
         for task in tasks:
+            if before is not None:
+                before(task)
             yield execute_cell(task, say)
     elif opts.executor == "local":
         yield from _pool(tasks, opts.jobs)

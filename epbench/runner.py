@@ -512,10 +512,19 @@ def _run_cells(run_dir: Path, todo: list, total: int, records: dict, frames: dic
     labels = {cell.key: cell.label for cell, _ in todo}
     parallel = 1 if executor.in_process else (executor.jobs if not (executor.scheduler or executor.parallel_config)
                                               else None)
+    shapes: set[tuple] = set()
+    experiments = {cell.key: exp for cell, exp in todo}
+
+    def before(task: dict) -> None:
+        """In process, on a backend that compiles per shape: a line before the first cell of each
+        new shape (:func:`compile_key`), which takes longer."""
+        exp = experiments[task["cell"]["key"]]
+        if backend.capabilities.compiles and compile_key(exp) not in shapes:
+            progress(f"compiling {exp.name} for {backend.name} (first run of this shape)…", 0, 0)
+        shapes.add(compile_key(exp))
+
     if executor.in_process:
         cellstore.preload(backend, data)
-        if backend.capabilities.compiles:
-            progress(f"{backend.name} compiles each new shape on its first run (slower)", 0, 0)
     began, finished, failed = time.perf_counter(), 0, 0
     done_before = total - len(todo)
 
@@ -533,7 +542,7 @@ def _run_cells(run_dir: Path, todo: list, total: int, records: dict, frames: dic
     if todo:
         progress(f"running {len(todo)} cells {executor.describe()}", 0, 0)
         status()
-    for record in run_tasks(tasks, executor, lambda message: progress(message, 0, 0)):
+    for record in run_tasks(tasks, executor, lambda message: progress(message, 0, 0), before):
         key = record["key"]
         if record.get("lost"):  # its worker died too often: nothing recorded it
             cellstore.write_cell(run_dir, key, None, record)
@@ -627,6 +636,13 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return str(signum)
+
+
+def compile_key(exp: Experiment) -> tuple:
+    """What a backend that compiles per shape compiles anew for: the task, the model, the phase
+    settings (β aside, a run-time value) and the batch size."""
+    batch = exp.train.batch_size if exp.task == "train" else exp.batch_size
+    return exp.task, exp.model.model_dump_json(), exp.phase.model_dump_json(exclude={"beta"}), batch
 
 
 def write_suite_as_run(run_dir: Path, suite: Suite, experiments: list[Experiment]) -> None:
