@@ -196,7 +196,9 @@ def test_hook(point: str) -> None:
     (``gdu``: inside a GDU cell; ``epoch``: after an epoch, before its checkpoint; ``checkpoint``:
     a checkpoint written but not yet renamed into place; ``cell``: a cell's files written, before
     the next cell). With ``EPBENCH_TEST_KILL_ONCE=FILE`` only the process that creates FILE dies
-    (one worker of several). For the tests; unset, this does nothing."""
+    (one worker of several). ``EPBENCH_TEST_KILL_SIGNAL=INT`` sends SIGINT instead (a Ctrl-C at a
+    known point), to the parent process with ``EPBENCH_TEST_KILL_PARENT=1`` (a -j worker
+    interrupting its run). For the tests; unset, this does nothing."""
     spec = os.environ.get("EPBENCH_TEST_KILL_AT")
     if not spec:
         return
@@ -212,7 +214,8 @@ def test_hook(point: str) -> None:
             os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
-    os.kill(os.getpid(), signal.SIGKILL)
+    signum = getattr(signal, "SIG" + os.environ.get("EPBENCH_TEST_KILL_SIGNAL", "KILL"))
+    os.kill(os.getppid() if os.environ.get("EPBENCH_TEST_KILL_PARENT") else os.getpid(), signum)
 
 
 def _injected_failure(cell: Cell) -> None:

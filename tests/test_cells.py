@@ -134,6 +134,28 @@ def test_killed_run_continues_to_the_same_table(workdir, reference, point, resum
                "checkpoint: t trial 1 ep (after epoch 1); ran in process |" in report
 
 
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_ctrl_c_keeps_the_finished_cells_and_says_how_to_continue(workdir, reference, jobs):
+    """SIGINT after epoch 2 of the first training cell (in process: this process's Ctrl-C; -j 2:
+    the worker interrupts its parent, which ends the pool): exit 130, status interrupted, the
+    finished cells in the table, a last line naming --resume; --resume gives the same table."""
+    out = f"ctrl-c-{jobs}"
+    extra = {"EPBENCH_TEST_KILL_PARENT": "1"} if jobs == "2" else {}
+    stopped = run(workdir, out, "-j", jobs, EPBENCH_TEST_KILL_AT="epoch:2", EPBENCH_TEST_KILL_SIGNAL="INT", **extra)
+    run_dir = the_run_dir(workdir, out)
+    assert stopped.returncode == 130, stopped.stderr
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted (SIGINT): run directory {run_dir}: status interrupted, the ")
+    assert f"--resume {run_dir}" in last and "Traceback" not in stopped.stderr
+    info = meta(run_dir)
+    table = pd.read_parquet(run_dir / "results.parquet")
+    assert info["status"] == "interrupted" and info["signal"] == "SIGINT" and info["rows"] == len(table)
+    assert 0 < info["cells"]["done"] < N_CELLS and table["cell"].nunique() == info["cells"]["done"]
+    again = run(workdir, "elsewhere-" + out, "-j", jobs, "--resume", str(run_dir))
+    assert again.returncode == 0, again.stderr
+    assert_same_table(run_dir, reference)
+
+
 def test_checkpoint_is_arrays_and_json(workdir):
     """Killed after epoch 2 of the first training cell: its checkpoint holds epoch 1, the
     parameters as plain arrays (no pickle) and the rows so far."""
