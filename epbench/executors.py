@@ -172,16 +172,21 @@ def _dask(tasks: list[dict], opts: ExecutorOptions) -> Iterator[dict]:
 
     from epbench.cells import execute_cell
 
+    import hashlib
+
     client, cluster = _client(opts)
     resources = {"GPU": 1} if opts.gpu else None
+    # a task's key names the run directory too: two runs of the same cells on one scheduler stay apart
+    where = hashlib.sha256(os.path.abspath(tasks[0]["run_dir"]).encode()).hexdigest()[:12] if tasks else ""
+    keys = {f"epbench-cell-{where}-{t['cell']['key']}": t["cell"] for t in tasks}
     try:
-        futures = [client.submit(execute_cell, task, key=f"epbench-cell-{task['cell']['key']}", pure=False,
-                                 resources=resources) for task in tasks]
+        futures = [client.submit(execute_cell, task, key=key, pure=False, resources=resources)
+                   for key, task in zip(keys, tasks)]
         for future in as_completed(futures):
             try:
                 yield future.result()
             except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: the cell lost its worker too often
-                cell = next(t["cell"] for t in tasks if f"epbench-cell-{t['cell']['key']}" == future.key)
+                cell = keys[future.key]
                 yield {"key": cell["key"], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                        "resumed_from": None, "warnings": [], "rows": 0, "lost": True}
     finally:

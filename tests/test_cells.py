@@ -207,6 +207,22 @@ def test_local_worker_processes(workdir, reference):
     assert_same_table(run_dir, reference)
 
 
+def test_local_worker_killed(workdir, reference):
+    """A -j worker killed mid-cell breaks the pool: the run stops as failed with one line, the
+    finished cells kept; --resume continues to the same table."""
+    out = "j2-killed"
+    killed = run(workdir, out, "-j", "2", EPBENCH_TEST_KILL_AT="epoch:2",
+                 EPBENCH_TEST_KILL_ONCE=str(workdir / "j2-killed-once"))
+    run_dir = the_run_dir(workdir, out)
+    lines = [line for line in killed.stderr.splitlines() if line.strip()]
+    assert killed.returncode == 2 and len(lines) == 1, killed.stderr
+    assert lines[0].startswith("error: a -j worker process died") and f"--resume {run_dir}" in lines[0]
+    assert meta(run_dir)["status"] == "failed"
+    again = run(workdir, out, "-j", "2")
+    assert again.returncode == 0, again.stderr
+    assert_same_table(run_dir, reference)
+
+
 def test_dask_local_cluster(workdir, reference):
     pytest.importorskip("distributed")
     done = run(workdir, "dask", "--executor", "dask", "-j", "2")
