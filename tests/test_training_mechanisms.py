@@ -151,9 +151,9 @@ def test_deep_p_glorot_first_phase_oscillates_and_bptt_saturates_the_target_unit
 
 def _train_table(rows_by_experiment: dict):
     """A tidy training table of the runner's schema: {experiment: (flavour, EP final, BPTT final)}
-    over two trials and two epochs, the verdict of :func:`epbench.runner.train_status` per trial."""
+    over two trials and two epochs, the verdict of :func:`epbench.training.train_status` per trial."""
     from epbench.results import to_frame
-    from epbench.runner import train_status
+    from epbench.training import train_status
 
     rows = []
     for exp, (flavor, ep_final, bptt_final) in rows_by_experiment.items():
