@@ -4,8 +4,10 @@ Each run gets a new directory ``results/<UTC time>-<suite>-<backend>[-n]/`` (nam
 short by :func:`safe_name`) holding
 ``results.parquet`` and ``results.csv.gz`` (the same table; gzip since the process samples make
 it long), ``suite.yaml`` (the experiments as run, options and overrides applied), ``meta.json`` (the provenance once more) and, after rendering,
-``report.md`` and ``figures/``. Nothing is ever overwritten; every file is written to a
-temporary name in the same directory and renamed into place.
+``report.md`` and ``figures/``, and ``cells/`` (each finished cell's rows and record, a
+training cell's checkpoint: :mod:`epbench.cells`; the table is assembled from them). Nothing is
+ever overwritten; every file is written to a temporary name in the same directory and renamed
+into place.
 
 One row = experiment x trial x algorithm x metric x layer (x epoch, x t and unit for
 process samples). Columns (see :data:`COLUMNS`):
@@ -193,7 +195,7 @@ def fs_error(path: str | os.PathLike, exc: OSError, doing: str = "cannot write")
 
 #: bytes per table row allowed for when estimating a run's output (measured: 23 bytes per row for
 #: parquet and csv.gz together on the bundled table3 suite; a fresh copy is written beside the old
-#: one at each update, hence the room for two)
+#: one at each update, and each row is in its cell's parquet file too: room for two and a half)
 BYTES_PER_ROW = 64
 #: bytes allowed per figure (PNG, and SVG with --svg: the largest measured pair, P-3h's GDU
 #: processes, is 0.9 MB)

@@ -156,6 +156,25 @@ def test_ctrl_c_keeps_the_finished_cells_and_says_how_to_continue(workdir, refer
     assert_same_table(run_dir, reference)
 
 
+@pytest.mark.parametrize("backend", ["jax-cpu", "numpy"])
+def test_resumed_mid_cell_is_bitwise_on_other_cpu_backends(workdir, backend):
+    """Killed after epoch 2 of the first training cell and continued: the uninterrupted table, bit
+    for bit, on the other CPU backends too."""
+    from epbench.plugins import registry
+
+    if backend not in registry().backends or not registry().backends[backend].availability().ok:
+        pytest.skip(f"backend {backend} unavailable")
+    whole = run(workdir, f"whole-{backend}", "--backend", backend)
+    assert whole.returncode == 0, whole.stderr
+    out = f"resumed-{backend}"
+    assert run(workdir, out, "--backend", backend, EPBENCH_TEST_KILL_AT="epoch:2").returncode == -9
+    again = run(workdir, out, "--backend", backend)
+    assert again.returncode == 0, again.stderr
+    run_dir = the_run_dir(workdir, out)
+    assert meta(run_dir)["cells"]["resumed"] == {"t trial 1 ep": 1}
+    assert_same_table(run_dir, comparable(the_run_dir(workdir, f"whole-{backend}")))
+
+
 def test_checkpoint_is_arrays_and_json(workdir):
     """Killed after epoch 2 of the first training cell: its checkpoint holds epoch 1, the
     parameters as plain arrays (no pickle) and the rows so far."""
