@@ -20,9 +20,9 @@ and lives in ``RUN_DIR/cells/``:
 =====================  ===========================================================================
 
 Nothing here is pickled; the results table and the report are assembled from the cell files.
-:func:`execute_cell` runs one cell from plain data (a :class:`CellTask` as a dict), so that any
-executor (this process, local worker processes, Dask workers) can run it and write its files
-into the shared run directory.
+:func:`execute_cells` runs one cell (or a group of trials trained together) from plain data (a
+:class:`CellTask` as a dict), so that any executor (this process, local worker processes, Dask
+workers) can run it and write its files into the shared run directory.
 """
 
 from __future__ import annotations
@@ -225,12 +225,13 @@ def _injected_failure(cell: Cell) -> None:
         raise RuntimeError("injected backend error (EPBENCH_TEST_FAIL_CELL)")
 
 
-# ----- running one cell ---------------------------------------------------------------------------
+# ----- running cells ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class CellTask:
-    """Everything a worker needs to run one cell, as plain data."""
+    """Everything a worker needs to run one cell, or a group of cells trained together (the trials
+    of one training experiment × algorithm on a backend that batches trials), as plain data."""
 
-    cell: dict
+    cells: list[dict]
     experiment: dict
     backend: str
     data_dir: str | None
@@ -247,7 +248,7 @@ _DATA: dict = {}
 
 
 def preload(backend, data) -> None:
-    """Let :func:`execute_cell` in this process use an already-resolved backend and data cache."""
+    """Let :func:`execute_cells` in this process use an already-resolved backend and data cache."""
     _BACKENDS[backend.name] = backend
     _DATA[data.data_dir] = data
 
@@ -262,123 +263,156 @@ def _resolve(task: CellTask):
     return _BACKENDS[task.backend], _DATA[task.data_dir]
 
 
-def execute_cell(task: dict | CellTask, say: Callable[[str], None] | None = None) -> dict:
-    """Run one cell and write its files; returns its record (``key``, ``label``, ``status``,
-    ``error``, ``wall_s``, ``resumed_from``, ``rows``, ``warnings``). A cell whose computation
-    raises is recorded as failed (the exception's type and message); a filesystem error
-    writing its files, SIGINT or SIGTERM propagate."""
+def execute_cells(task: dict | CellTask, say: Callable[[str], None] | None = None) -> list[dict]:
+    """Run a task's cells and write their files; returns their records (``key``, ``label``,
+    ``status``, ``error``, ``wall_s``, ``resumed_from``, ``rows``, ``warnings``). Cells whose
+    computation raises are recorded as failed (the exception's type and message); a filesystem
+    error writing the files, SIGINT or SIGTERM propagate."""
     from epbench.runner import experiment_columns
     from epbench.suites import Experiment
 
     if isinstance(task, dict):
         task = CellTask(**task)
-    cell = Cell(**task.cell)
+    cells = [Cell(**c) for c in task.cells]
     exp = Experiment.model_validate(task.experiment)
     run_dir = Path(task.run_dir)
     say = say or (lambda _m: None)
     backend, data = _resolve(task)
-    record = {"key": cell.key, "label": cell.label, "resumed_from": None, "warnings": [], "host": os.uname().nodename,
-              "pid": os.getpid()}
+    records = {c.key: {"key": c.key, "label": c.label, "resumed_from": None, "warnings": [],
+                       "host": os.uname().nodename, "pid": os.getpid()} for c in cells}
     start = time.perf_counter()
     try:
-        _injected_failure(cell)
+        for cell in cells:
+            _injected_failure(cell)
         if exp.task == "gdu":
             from epbench.runner import run_gdu
 
-            rows = run_gdu(backend, exp, cell.trial, data)
+            (cell,) = cells
+            rows = {cell.key: run_gdu(backend, exp, cell.trial, data)}
             test_hook("gdu")
         else:
-            rows = train_cell(backend, exp, cell, data, Checkpoint(run_dir, cell.key), record, say)
-    except Exception as exc:  # noqa: BLE001 - recorded with the cell; the other cells go on
-        record.update(status=FAILED, error=f"{type(exc).__name__}: {exc}", wall_s=time.perf_counter() - start,
-                      rows=0)
+            rows = train_cells(backend, exp, cells, data, run_dir, records, say)
+    except Exception as exc:  # noqa: BLE001 - recorded with the cells; the other cells go on
         backend.pop_implementation()
-        write_cell(run_dir, cell.key, None, record)
-        return record
-    wall = time.perf_counter() - start + record.pop("wall_before", 0.0)
+        for cell in cells:
+            records[cell.key].update(status=FAILED, error=f"{type(exc).__name__}: {exc}",
+                                     wall_s=time.perf_counter() - start, rows=0)
+            write_cell(run_dir, cell.key, None, records[cell.key])
+        return list(records.values())
+    share = (time.perf_counter() - start) / len(cells)
     ran = {"implementation": backend.pop_implementation()}
-    columns = experiment_columns(exp, cell.trial)
-    rows = [{**task.columns, **ran, **columns, **row, "wall_time_s": wall, "cell": cell.key} for row in rows]
-    record.update(status=DONE, error="", wall_s=wall, rows=len(rows))
-    write_cell(run_dir, cell.key, rows, record)
-    if exp.task == "train":
-        Checkpoint(run_dir, cell.key).drop()
-    test_hook("cell")
-    return record
+    for cell in cells:
+        record = records[cell.key]
+        wall = share + record.pop("wall_before", 0.0)
+        columns = experiment_columns(exp, cell.trial)
+        mine = [{**task.columns, **ran, **columns, **row, "wall_time_s": wall, "cell": cell.key}
+                for row in rows[cell.key]]
+        record.update(status=DONE, error="", wall_s=wall, rows=len(mine))
+        write_cell(run_dir, cell.key, mine, record)
+        if exp.task == "train":
+            Checkpoint(run_dir, cell.key).drop()
+        test_hook("cell")
+    return list(records.values())
 
 
-def train_cell(backend, exp, cell: Cell, data, ckpt: Checkpoint, record: dict, say: Callable[[str], None]) -> list[dict]:
-    """One trial × algorithm of a training experiment, epoch by epoch, from the trial's initial
-    parameters (or the checkpoint of a previous attempt), checkpointing after each epoch. The
+@dataclasses.dataclass
+class _Trial:
+    cell: Cell
+    seed: int
+    limit: float
+    ckpt: Checkpoint
+    state: dict
+    params: object
+
+    @property
+    def stopped(self) -> bool:
+        return self.state["diverged"] or self.state["exploded"]
+
+
+def train_cells(backend, exp, cells: list[Cell], data, run_dir: Path, records: dict,
+                say: Callable[[str], None]) -> dict[str, list[dict]]:
+    """Trials × one algorithm of a training experiment (usually one trial: one cell), epoch by
+    epoch, each from its initial parameters or the checkpoint of a previous attempt, each
+    checkpointed after every epoch; the trials due for an epoch are trained together through
+    :func:`epbench.training.train_epochs` (one program on a backend that batches trials). The
     data order of an epoch is :func:`epbench.datasets.epoch_order` of the trial's seed and the
     epoch; parameters cross the checkpoint through ``backend.to_numpy``/``from_numpy`` (exact),
     so a resumed cell gives the rows of an uninterrupted one. A trial stops when it diverges or
     explodes (:data:`epbench.training.EXPLODE_FACTOR`); every row gets the verdict of
-    :func:`epbench.training.train_status`."""
+    :func:`epbench.training.train_status`. Returns each cell's rows."""
     from epbench import training
     from epbench.datasets import epoch_order
     from epbench.training import EXPLODE_FACTOR, _max_abs, status_text, train_status
 
-    spec, train, algorithm = exp.model, exp.train, cell.algorithm
-    seed = exp.seed + cell.trial
+    spec, train, algorithm = exp.model, exp.train, cells[0].algorithm
     split = data.get(exp.dataset)
     shape = (-1, *spec.input_shape)
     x_train, y_train = split.x_train[: exp.n_train].reshape(shape), split.y_train[: exp.n_train]
     x_test, y_test = split.x_test[: exp.n_test].reshape(shape), split.y_test[: exp.n_test]
-    initial = backend.init_params(spec, seed)
-    limit = EXPLODE_FACTOR * _max_abs(initial)
-    saved = ckpt.load()
-    if saved is not None:
-        current, state = saved
-        record["resumed_from"] = state["epoch"]
-        record["wall_before"] = state.get("wall_s", 0.0)
-        say(f"{cell.label}: continuing after epoch {state['epoch']} (checkpoint)")
-    else:
-        current = initial
-        state = {"epoch": 0, "rows": [], "diverged": False, "exploded": False, "wall_s": 0.0}
-    rows, diverged, exploded = state["rows"], state["diverged"], state["exploded"]
-    params = backend.from_numpy(spec, current, exp.dtype)
-    for epoch in range(state["epoch"] + 1, train.epochs + 1):
-        if diverged or exploded:
-            break
+    trials = []
+    for cell in cells:
+        seed = exp.seed + cell.trial
+        initial = backend.init_params(spec, seed)
+        ckpt = Checkpoint(run_dir, cell.key)
+        saved = ckpt.load()
+        if saved is not None:
+            current, state = saved
+            records[cell.key]["resumed_from"] = state["epoch"]
+            records[cell.key]["wall_before"] = state.get("wall_s", 0.0)
+            say(f"{cell.label}: continuing after epoch {state['epoch']} (checkpoint)")
+        else:
+            current = initial
+            state = {"epoch": 0, "rows": [], "diverged": False, "exploded": False, "wall_s": 0.0}
+        trials.append(_Trial(cell, seed, EXPLODE_FACTOR * _max_abs(initial), ckpt, state,
+                             backend.from_numpy(spec, current, exp.dtype)))
+    for epoch in range(1, train.epochs + 1):
+        live = [t for t in trials if t.state["epoch"] < epoch and not t.stopped]
+        if not live:
+            continue
         began = time.perf_counter()
-        order_seed = seed * 1_000_003 + epoch
-        order = epoch_order(x_train.shape[0], order_seed)
-        (result,) = training.train_epochs(backend, spec, [params], [x_train[order]], [y_train[order]], exp.phase,
-                                          train, algorithm)
-        params = result.params
-        test_error = float("nan") if result.diverged else training.evaluate(backend, spec, params, x_test, y_test,
-                                                                             exp.phase.T)
+        orders = [epoch_order(x_train.shape[0], t.seed * 1_000_003 + epoch) for t in live]
+        results = training.train_epochs(backend, spec, [t.params for t in live], [x_train[o] for o in orders],
+                                        [y_train[o] for o in orders], exp.phase, train, algorithm)
+        tests = [float("nan") if r.diverged else training.evaluate(backend, spec, r.params, x_test, y_test,
+                                                                    exp.phase.T)
+                 for r in results]
         backend.synchronize()
-        elapsed = time.perf_counter() - began
-        base = {"algorithm": algorithm, "epoch": epoch, "compile_s": result.timings.get("compile_s", 0.0),
-                "run_s": result.timings.get("run_s", elapsed)}
-        rows += [
-            {**base, "metric": "train_error", "value": result.train_error},
-            {**base, "metric": "test_error", "value": test_error},
-            {**base, "metric": "diverged", "value": float(result.diverged)},
-            {**base, "metric": "epoch_time_s", "value": elapsed},
-        ]
-        say(f"{exp.name} trial {cell.trial + 1} {algorithm} epoch {epoch}: train {result.train_error:.2f}% "
-            f"test {test_error:.2f}%")
+        elapsed = (time.perf_counter() - began) / len(live)  # each trial's share
+        for t, result, test_error in zip(live, results, tests):
+            t.params = result.params
+            base = {"algorithm": algorithm, "epoch": epoch, "compile_s": result.timings.get("compile_s", 0.0),
+                    "run_s": result.timings.get("run_s", elapsed)}
+            t.state["rows"] += [
+                {**base, "metric": "train_error", "value": result.train_error},
+                {**base, "metric": "test_error", "value": test_error},
+                {**base, "metric": "diverged", "value": float(result.diverged)},
+                {**base, "metric": "epoch_time_s", "value": elapsed},
+            ]
+            say(f"{exp.name} trial {t.cell.trial + 1} {algorithm} epoch {epoch}: train {result.train_error:.2f}% "
+                f"test {test_error:.2f}%")
         test_hook("epoch")
-        numpy_params = backend.to_numpy(spec, params)
-        if result.diverged:
-            diverged = True
-        elif _max_abs(numpy_params) > limit:
-            exploded = True
-        state = {"epoch": epoch, "order_seed": order_seed, "seed": seed, "rows": rows, "diverged": diverged,
-                 "exploded": exploded, "wall_s": state.get("wall_s", 0.0) + elapsed}
-        if epoch < train.epochs and not (diverged or exploded):
-            ckpt.save(numpy_params, state)
-    tests = [r["value"] for r in rows if r["metric"] == "test_error"]
-    status = train_status(diverged, exploded, tests[-1] if tests else float("nan"), spec.n_out)
-    for row in rows:
-        row["status"] = status
-    if status != "ok":
-        record["warnings"].append(f"warning: {exp.name} trial {cell.trial + 1} {algorithm}: {status}: "
-                                  f"{status_text(status, spec.n_out)}")
-    return rows
+        for t, result in zip(live, results):
+            numpy_params = backend.to_numpy(spec, t.params)
+            diverged = bool(result.diverged)
+            exploded = not diverged and _max_abs(numpy_params) > t.limit
+            t.state = {"epoch": epoch, "order_seed": t.seed * 1_000_003 + epoch, "seed": t.seed,
+                       "rows": t.state["rows"], "diverged": diverged, "exploded": exploded,
+                       "wall_s": t.state.get("wall_s", 0.0) + elapsed}
+            if epoch < train.epochs and not t.stopped:
+                t.ckpt.save(numpy_params, t.state)
+    out = {}
+    for t in trials:
+        rows = t.state["rows"]
+        tests = [r["value"] for r in rows if r["metric"] == "test_error"]
+        status = train_status(t.state["diverged"], t.state["exploded"], tests[-1] if tests else float("nan"),
+                              spec.n_out)
+        for row in rows:
+            row["status"] = status
+        if status != "ok":
+            records[t.cell.key]["warnings"].append(
+                f"warning: {exp.name} trial {t.cell.trial + 1} {algorithm}: {status}: {status_text(status, spec.n_out)}")
+        out[t.cell.key] = rows
+    return out
 
 
 def summary(records: dict[str, dict], cells: list[Cell]) -> dict:

@@ -1,6 +1,6 @@
 """Where cells run: in this process (the default), in ``-j N`` local worker processes, or on Dask.
 
-Every executor runs :func:`epbench.cells.execute_cell` on plain-data tasks and yields each cell's
+Every executor runs :func:`epbench.cells.execute_cells` on plain-data tasks and yields each cell's
 record as it finishes; the cell's rows are already in the shared run directory by then (workers
 write them there, so a lost client or worker loses no finished cell). One rule for all of them:
 a cell's failure is its record, an executor's failure (a worker pool that broke, a cluster that
@@ -55,12 +55,12 @@ def run_tasks(tasks: list[dict], opts: ExecutorOptions, say=None, before=None) -
     """Each task's record, in the order the cells finish. In process, ``before(task)`` is called
     before each cell and ``say(message)`` with its progress lines."""
     if opts.in_process:
-        from epbench.cells import execute_cell
+        from epbench.cells import execute_cells
 
         for task in tasks:
             if before is not None:
                 before(task)
-            yield execute_cell(task, say)
+            yield from execute_cells(task, say)
     elif opts.executor == "local":
         yield from _pool(tasks, opts.jobs)
     else:
@@ -82,16 +82,16 @@ def _pool(tasks: list[dict], jobs: int) -> Iterator[dict]:
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    from epbench.cells import execute_cell
+    from epbench.cells import execute_cells
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
                                initargs=(threads,))
     try:
-        futures = [pool.submit(execute_cell, task) for task in tasks]
+        futures = [pool.submit(execute_cells, task) for task in tasks]
         for future in as_completed(futures):
             try:
-                yield future.result()
+                yield from future.result()
             except BrokenProcessPool:
                 raise EpbenchError("a -j worker process died (killed, or out of memory); the finished cells "
                                    "are kept") from None
@@ -168,27 +168,27 @@ def _client(opts: ExecutorOptions):
 
 
 def _dask(tasks: list[dict], opts: ExecutorOptions) -> Iterator[dict]:
+    import hashlib
+
     from distributed import as_completed
 
-    from epbench.cells import execute_cell
-
-    import hashlib
+    from epbench.cells import execute_cells
 
     client, cluster = _client(opts)
     resources = {"GPU": 1} if opts.gpu else None
     # a task's key names the run directory too: two runs of the same cells on one scheduler stay apart
     where = hashlib.sha256(os.path.abspath(tasks[0]["run_dir"]).encode()).hexdigest()[:12] if tasks else ""
-    keys = {f"epbench-cell-{where}-{t['cell']['key']}": t["cell"] for t in tasks}
+    keys = {f"epbench-cell-{where}-{t['cells'][0]['key']}": t["cells"] for t in tasks}
     try:
-        futures = [client.submit(execute_cell, task, key=key, pure=False, resources=resources)
+        futures = [client.submit(execute_cells, task, key=key, pure=False, resources=resources)
                    for key, task in zip(keys, tasks)]
         for future in as_completed(futures):
             try:
-                yield future.result()
-            except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: the cell lost its worker too often
-                cell = keys[future.key]
-                yield {"key": cell["key"], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                       "resumed_from": None, "warnings": [], "rows": 0, "lost": True}
+                yield from future.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: the cells lost their worker too often
+                for cell in keys[future.key]:
+                    yield {"key": cell["key"], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                           "resumed_from": None, "warnings": [], "rows": 0, "lost": True}
     finally:
         try:
             for future in futures if "futures" in locals() else []:

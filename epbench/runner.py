@@ -488,6 +488,12 @@ def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
     finally:
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with signals_held():  # a second Ctrl-C must not leave "running" behind
+            for key, record in records.items():  # a cell recorded just before an interruption
+                if record.get("status") == cellstore.DONE and key not in frames:
+                    try:
+                        frames[key] = cellstore.read_rows(run_dir, key)
+                    except OSError:
+                        record["status"] = "unread"
             record_cells()
             try:
                 if written[0] != len(frames):
@@ -506,9 +512,9 @@ def _run_cells(run_dir: Path, todo: list, total: int, records: dict, frames: dic
                gpu: bool) -> None:
     """Run the cells not yet done through the executor; after each, its rows join the table."""
     executor = dataclasses.replace(opts.executor, gpu=gpu)
-    tasks = [cellstore.CellTask(cell=dataclasses.asdict(cell), experiment=exp.model_dump(mode="json"),
+    tasks = [cellstore.CellTask(cells=[dataclasses.asdict(c) for c in group], experiment=exp.model_dump(mode="json"),
                                 backend=backend.name, data_dir=opts.data_dir, run_dir=str(run_dir),
-                                columns=provenance).to_dict() for cell, exp in todo]
+                                columns=provenance).to_dict() for group, exp in cell_groups(todo, backend)]
     labels = {cell.key: cell.label for cell, _ in todo}
     parallel = 1 if executor.in_process else (executor.jobs if not (executor.scheduler or executor.parallel_config)
                                               else None)
@@ -518,7 +524,7 @@ def _run_cells(run_dir: Path, todo: list, total: int, records: dict, frames: dic
     def before(task: dict) -> None:
         """In process, on a backend that compiles per shape: a line before the first cell of each
         new shape (:func:`compile_key`), which takes longer."""
-        exp = experiments[task["cell"]["key"]]
+        exp = experiments[task["cells"][0]["key"]]
         if backend.capabilities.compiles and compile_key(exp) not in shapes:
             progress(f"compiling {exp.name} for {backend.name} (first run of this shape)…", 0, 0)
         shapes.add(compile_key(exp))
@@ -559,6 +565,23 @@ def _run_cells(run_dir: Path, todo: list, total: int, records: dict, frames: dic
         for warning in record.get("warnings", []):
             progress(warning, 0, 0)
         status()
+
+
+def cell_groups(todo: list, backend: Backend) -> list[tuple[list, Experiment]]:
+    """The tasks of a run: one cell each, except on a backend that batches trials
+    (``backend.batch_trials``, e.g. jax with ``EPBENCH_BATCH_TRIALS=1``), where the trials of
+    one training experiment × algorithm stay together, one program over them, in one task."""
+    groups: list[tuple[list, Experiment]] = []
+    index: dict[tuple, int] = {}
+    for cell, exp in todo:
+        if exp.task == "train" and backend.batch_trials:
+            key = (cell.experiment, cell.algorithm)
+            if key in index:
+                groups[index[key]][0].append(cell)
+                continue
+            index[key] = len(groups)
+        groups.append(([cell], exp))
+    return groups
 
 
 def open_run_dir(opts: RunOptions, suite: Suite, keys: list[str], progress: Progress) -> tuple[Path, dict | None]:

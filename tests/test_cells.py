@@ -156,23 +156,27 @@ def test_ctrl_c_keeps_the_finished_cells_and_says_how_to_continue(workdir, refer
     assert_same_table(run_dir, reference)
 
 
-@pytest.mark.parametrize("backend", ["jax-cpu", "numpy"])
-def test_resumed_mid_cell_is_bitwise_on_other_cpu_backends(workdir, backend):
+@pytest.mark.parametrize("backend, batched", [("jax-cpu", False), ("jax-cpu", True), ("numpy", False)])
+def test_resumed_mid_cell_is_bitwise_on_other_cpu_backends(workdir, backend, batched):
     """Killed after epoch 2 of the first training cell and continued: the uninterrupted table, bit
-    for bit, on the other CPU backends too."""
+    for bit, on the other CPU backends too; with jax's trials batched (EPBENCH_BATCH_TRIALS=1)
+    both trials of EP train in one task and both continue from their checkpoints."""
     from epbench.plugins import registry
 
     if backend not in registry().backends or not registry().backends[backend].availability().ok:
         pytest.skip(f"backend {backend} unavailable")
-    whole = run(workdir, f"whole-{backend}", "--backend", backend)
+    extra = {"EPBENCH_BATCH_TRIALS": "1"} if batched else {}
+    name = f"{backend}{'-batched' if batched else ''}"
+    whole = run(workdir, f"whole-{name}", "--backend", backend, **extra)
     assert whole.returncode == 0, whole.stderr
-    out = f"resumed-{backend}"
-    assert run(workdir, out, "--backend", backend, EPBENCH_TEST_KILL_AT="epoch:2").returncode == -9
-    again = run(workdir, out, "--backend", backend)
+    out = f"resumed-{name}"
+    assert run(workdir, out, "--backend", backend, EPBENCH_TEST_KILL_AT="epoch:2", **extra).returncode == -9
+    again = run(workdir, out, "--backend", backend, **extra)
     assert again.returncode == 0, again.stderr
     run_dir = the_run_dir(workdir, out)
-    assert meta(run_dir)["cells"]["resumed"] == {"t trial 1 ep": 1}
-    assert_same_table(run_dir, comparable(the_run_dir(workdir, f"whole-{backend}")))
+    resumed = {"t trial 1 ep": 1, "t trial 2 ep": 1} if batched else {"t trial 1 ep": 1}
+    assert meta(run_dir)["cells"]["resumed"] == resumed
+    assert_same_table(run_dir, comparable(the_run_dir(workdir, f"whole-{name}")))
 
 
 def test_checkpoint_is_arrays_and_json(workdir):
