@@ -135,10 +135,7 @@ def dask_cluster(config_path: str):
 
         cluster = LocalCluster(**{"threads_per_worker": 1, "dashboard_address": None, **params})
     elif kind in ("slurm", "pbs"):
-        try:
-            import dask_jobqueue
-        except ImportError:
-            raise EpbenchError("--parallel-config: dask-jobqueue is not installed (pip install 'epbench[dask]')") from None
+        dask_jobqueue = _import_dask_jobqueue()
         cls = dask_jobqueue.SLURMCluster if kind == "slurm" else dask_jobqueue.PBSCluster
         cluster = cls(**params)
     else:
@@ -146,6 +143,22 @@ def dask_cluster(config_path: str):
     if doc.get("scale") and kind != "local":
         cluster.scale(jobs=int(doc["scale"]))
     return cluster
+
+
+def _import_dask_jobqueue():
+    """dask_jobqueue, imported without its SIGINT handler (its runner module makes Ctrl-C a
+    ``sys.exit()`` on import): Ctrl-C must stay a KeyboardInterrupt, which ends a run cleanly."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise EpbenchError("--parallel-config: dask-jobqueue is not installed (pip install 'epbench[dask]')") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return dask_jobqueue
 
 
 def _client(opts: ExecutorOptions):

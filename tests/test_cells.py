@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,7 +45,7 @@ experiments:
 #: 2 GDU cells, then 2 trials x 2 algorithms of training
 N_CELLS = 6
 #: columns that differ between two runs of the same cells: timings and the run's own identity
-VARYING = ["run_id", "start_time", "compile_s", "run_s", "wall_time_s", "git_dirty"]
+VARYING = ["run_id", "start_time", "compile_s", "run_s", "wall_time_s", "git_commit", "git_dirty"]
 
 
 def env(**extra: str) -> dict:
@@ -316,15 +317,21 @@ def test_dask_scheduler_with_a_worker_killed_mid_cell(workdir, reference, dask_c
 def test_slurm_config_example(tmp_path):
     """The documented SLURM configuration builds a dask-jobqueue cluster whose job script asks for
     one GPU and gives the worker the GPU resource the cells ask for (nothing is submitted: scale 0)."""
-    pytest.importorskip("dask_jobqueue")
+    import importlib.util
+
     import yaml
+
+    if importlib.util.find_spec("dask_jobqueue") is None:  # not importorskip: see executors._import_dask_jobqueue
+        pytest.skip("dask-jobqueue is not installed")
 
     from epbench.executors import dask_cluster
 
     doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "parallel" / "slurm.yaml").read_text())
     config = tmp_path / "slurm.yaml"
     config.write_text(yaml.safe_dump({**doc, "scale": 0}))
+    before = signal.getsignal(signal.SIGINT)
     cluster = dask_cluster(str(config))
+    assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C stays a KeyboardInterrupt
     try:
         script = cluster.job_script()
         assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
