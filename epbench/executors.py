@@ -162,10 +162,16 @@ def _import_dask_jobqueue():
 
 
 def _client(opts: ExecutorOptions):
+    import logging
+
     try:
         from distributed import Client, LocalCluster
     except ImportError:
         raise EpbenchError("--executor dask: dask.distributed is not installed (pip install 'epbench[dask]')") from None
+    # the progress display says what happens; Dask's own INFO lines (workers starting, keys
+    # cancelled) only from its warnings up, here and in the local workers
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     if opts.scheduler:
         try:
             return Client(opts.scheduler, timeout="30s"), None
@@ -205,7 +211,8 @@ def _dask(tasks: list[dict], opts: ExecutorOptions) -> Iterator[dict]:
     finally:
         try:
             for future in futures if "futures" in locals() else []:
-                future.cancel()
+                if not future.done():
+                    future.cancel()
             client.close()
             if cluster is not None:
                 cluster.close()
