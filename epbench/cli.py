@@ -18,7 +18,7 @@ import warnings
 import click
 
 from epbench import __version__
-from epbench.errors import EpbenchError, RunInterrupted
+from epbench.errors import CellsFailed, EpbenchError, RunInterrupted
 
 log = logging.getLogger("epbench")
 
@@ -66,14 +66,28 @@ def _registry():
               help="Folder under which the run directory is created.")
 @click.option("--no-report", is_flag=True, help="Do not render report.md and figures.")
 @click.option("--svg", is_flag=True, help="Save the figures as SVG too (PNG only by default).")
+@click.option("--resume", type=click.Path(file_okay=False, exists=True), metavar="RUN_DIR",
+              help="Continue RUN_DIR: skip its finished cells, continue the others from their checkpoints "
+              "(refused if the settings differ).")
+@click.option("--fresh", is_flag=True, help="Start a new run even if --out holds an unfinished run of the same cells.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Cells at once: local worker processes (or LocalCluster workers with --executor dask).")
+@click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+              help="local: this process, or -j worker processes; dask: Dask distributed.")
+@click.option("--scheduler", metavar="tcp://HOST:PORT", help="Dask scheduler of an existing cluster (implies "
+              "--executor dask).")
+@click.option("--parallel-config", type=click.Path(dir_okay=False, exists=True), metavar="FILE.yaml",
+              help="dask-jobqueue cluster (SLURM, PBS) settings (implies --executor dask); see docs/parallel.md.")
 @click.pass_context
 def run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, include_heavy, assignments, out, no_report,
-        svg):
+        svg, resume, fresh, jobs, executor, scheduler, parallel_config):
     """Run SUITE (a YAML file, or the name of a bundled suite such as table3).
 
     Everything is checked before the run directory is created; its path is printed when it is.
     SIGINT (Ctrl-C) and SIGTERM stop the run with status "interrupted" in meta.json, keeping
-    the experiments that finished (exit 130 and 143)."""
+    the cells that finished (exit 130 and 143); re-running the same command (or --resume
+    RUN_DIR) continues it. A cell that fails is recorded with its error, the others go on, and
+    the command exits with status 1 naming the failed cells."""
     import signal
     import threading
 
@@ -84,17 +98,23 @@ def run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, inc
 
     main_thread = threading.current_thread() is threading.main_thread()  # signals go to the main thread only
     previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    from epbench.executors import ExecutorOptions
+
+    if scheduler and parallel_config:
+        raise click.UsageError("--scheduler and --parallel-config: one or the other")
+    parallel = ExecutorOptions(executor="dask" if scheduler or parallel_config else executor, jobs=jobs,
+                               scheduler=scheduler, parallel_config=parallel_config)
     try:
         _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, include_heavy, assignments, out,
-             no_report, svg)
+             no_report, svg, resume=resume, fresh=fresh, parallel=parallel)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 
 
 def _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, include_heavy, assignments, out,
-         no_report, svg=False):
-    from epbench.errors import RunInterrupted, signal_number
+         no_report, svg=False, resume=None, fresh=False, parallel=None):
+    from epbench.errors import CellsFailed, RunInterrupted, signal_number
     from epbench.results import settle_stale_runs
     from epbench.runner import RunOptions
     from epbench.suites import load_suite, parse_assignment, resolve_suite_path
@@ -119,7 +139,8 @@ def _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, in
                 click.echo(f"note: {stale}: its process ended without finishing; status now 'interrupted'", err=True)
         opts = RunOptions(backend=backend, out=out, dataset=dataset, epochs=epochs, trials=trials, quick=quick,
                           include_heavy=include_heavy, only=tuple(only), data_dir=data_dir,
-                          overrides=tuple(assignments), command=shlex.join(["epbench", *sys.argv[1:]]))
+                          overrides=tuple(assignments), command=shlex.join(["epbench", *sys.argv[1:]]),
+                          resume=resume, fresh=fresh, **({"executor": parallel} if parallel else {}))
         run_dir = _run_with_progress(loaded, str(path), digest, opts, verbose, started)
         if not no_report:
             from epbench.report import render_report
@@ -132,6 +153,7 @@ def _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, in
             if verbose >= 0:
                 click.echo(f"report: {report}")
         click.echo(str(run_dir))
+        _raise_failed_cells(run_dir)
     except KeyboardInterrupt as exc:
         signum = signal_number(exc)
         name = "SIGTERM" if signum == 15 else "SIGINT"
@@ -139,6 +161,8 @@ def _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, in
             raise RunInterrupted(f"interrupted ({name}): run directory {created[0]}: {_status_of(created[0])}",
                                  signum) from None
         raise RunInterrupted(f"interrupted ({name}) before the run directory was created", signum) from None
+    except CellsFailed:
+        raise
     except EpbenchError as exc:
         if created:
             raise EpbenchError(f"{exc} (run directory {created[0]}: {_status_of(created[0])})") from None
@@ -147,6 +171,18 @@ def _run(ctx, suite, backend, dataset, data_dir, epochs, trials, quick, only, in
         if created:
             exc.run_dir = created[0]
         raise
+
+
+def _raise_failed_cells(run_dir) -> None:
+    """Exit status 1 with one line naming the failed cells of a run that finished."""
+    from epbench.errors import CellsFailed
+    from epbench.results import read_meta
+
+    failed = (read_meta(run_dir).get("cells") or {}).get("failed") or {}
+    if failed:
+        names = "; ".join(f"{label} ({error})" for label, error in failed.items())
+        raise CellsFailed(f"{len(failed)} cell(s) failed: {names}; run directory {run_dir}: the other cells are "
+                          f"kept; `epbench run ... --resume {run_dir}` re-runs only the failed ones")
 
 
 def _status_of(run_dir) -> str:
@@ -163,8 +199,9 @@ def _status_of(run_dir) -> str:
     if status == RUNNING:  # this process could not record its end: meta.json is not writable now
         return ("meta.json could not be updated and says 'running', which reads as interrupted once this "
                 "process has ended; re-run the same command to start again")
-    kept = f", the {meta['rows']} rows of the experiments that finished kept" if "rows" in meta else ""
-    return f"status {status}{kept}; re-run the same command to start again"
+    kept = f", the {meta['rows']} rows of the cells that finished kept" if "rows" in meta else ""
+    return (f"status {status}{kept}; re-run the same command (or add --resume {run_dir}) to continue it: "
+            "finished cells are not run again")
 
 
 def _run_with_progress(suite, path, digest, opts, verbose, on_start=None):
@@ -189,7 +226,7 @@ def _run_with_progress(suite, path, digest, opts, verbose, on_start=None):
         def progress(message, done, total):
             if total:
                 bar.update(task, completed=done, total=total, description=escape(message))
-            elif verbose > 0 or message.startswith(("skipping", "warning")):
+            elif verbose > 0 or message.startswith(("skipping", "warning", "continuing", "compiling")):
                 console.print(escape(message))
 
         return run_suite(suite, path, digest, opts, progress, on_start)
@@ -529,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except RunInterrupted as exc:
         click.echo(str(exc), err=True)
+        return exc.exit_code
+    except CellsFailed as exc:
+        click.echo(f"error: {exc}", err=True)
         return exc.exit_code
     except EpbenchError as exc:
         click.echo(f"error: {exc}", err=True)

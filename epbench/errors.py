@@ -37,3 +37,9 @@ class RunInterrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + int(signum)
+
+
+class CellsFailed(EpbenchError):
+    """A run that finished with failed cells (each recorded with its error): exit status 1."""
+
+    exit_code = 1

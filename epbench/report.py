@@ -747,6 +747,8 @@ def _header(df: pd.DataFrame, meta: dict) -> list[str]:
         ("host", (host_text or "unknown") + (f"; {meta['hostname']}, pid {meta['pid']}" if meta.get("pid") else "")),
         ("table", f"{len(df)} rows, {df['experiment'].nunique() if len(df) else 0} experiments"),
     ]
+    if meta.get("cells"):
+        info.append(("cells", cells_text(meta)))
     lines = [f"# epbench report: {suite}", "",
              "Equilibrium Propagation vs BPTT (Ernoult et al., NeurIPS 2019). "
              "Published values below come from the paper (Tables 1, 3 and 4) or, where marked, from the "
@@ -754,6 +756,23 @@ def _header(df: pd.DataFrame, meta: dict) -> list[str]:
              "", _table(["", ""], [[f"**{k}**", v] for k, v in info]), "", "Command:", "",
              "```", str(meta.get("command", "unknown")), "```", ""]
     return lines
+
+
+def cells_text(meta: dict) -> str:
+    """The run's cells (:mod:`epbench.cells`): how many finished, which failed, which were
+    continued from a checkpoint, how many an earlier attempt had finished, and where they ran."""
+    cells = meta["cells"]
+    text = f"{cells.get('done', 0)} of {cells.get('total', 0)} done"
+    if cells.get("failed"):
+        text += "; failed: " + ", ".join(f"{label} ({error})" for label, error in cells["failed"].items())
+    if cells.get("reused"):
+        text += f"; {cells['reused']} finished by an earlier attempt (attempts: {meta.get('attempts', 1)})"
+    if cells.get("resumed"):
+        text += "; resumed from a checkpoint: " + ", ".join(f"{label} (after epoch {epoch})"
+                                                            for label, epoch in cells["resumed"].items())
+    if meta.get("executor"):
+        text += f"; ran {meta['executor']}"
+    return text
 
 
 def render_report(run_dir: str | os.PathLike, svg: bool = False) -> Path:

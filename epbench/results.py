@@ -4,8 +4,10 @@ Each run gets a new directory ``results/<UTC time>-<suite>-<backend>[-n]/`` (nam
 short by :func:`safe_name`) holding
 ``results.parquet`` and ``results.csv.gz`` (the same table; gzip since the process samples make
 it long), ``suite.yaml`` (the experiments as run, options and overrides applied), ``meta.json`` (the provenance once more) and, after rendering,
-``report.md`` and ``figures/``. Nothing is ever overwritten; every file is written to a
-temporary name in the same directory and renamed into place.
+``report.md`` and ``figures/``, and ``cells/`` (each finished cell's rows and record, a
+training cell's checkpoint: :mod:`epbench.cells`; the table is assembled from them). Nothing is
+ever overwritten; every file is written to a temporary name in the same directory and renamed
+into place.
 
 One row = experiment x trial x algorithm x metric x layer (x epoch, x t and unit for
 process samples). Columns (see :data:`COLUMNS`):
@@ -49,8 +51,9 @@ provenance         run_id, epbench_version, git_commit, git_dirty, suite, suite_
                    ``pop_implementation()``: e.g. ``xla-loop`` or ``fused-cpp`` on jax-cpu);
                    cpu_model, cpu_flags (vector extensions), gpu_name, gpu_driver,
                    cuda_version (empty off a GPU): :mod:`epbench.hardware`;
-                   wall_time_s (of the whole experiment x trial; the trials of a training
-                   experiment run together, each gets an equal share, as does epoch_time_s)
+                   wall_time_s (of the row's cell: experiment x trial, x algorithm for
+                   training; a resumed cell's includes its earlier attempts' epochs)
+cell               the key of the row's cell (:mod:`epbench.cells`): SHA-256 of its settings
 =================  ==============================================================
 """
 
@@ -78,7 +81,7 @@ COLUMNS = [
     "metric", "layer", "quantity", "epoch", "t", "unit", "value", "status", "compile_s", "run_s", "wall_time_s",
     "epbench_version", "git_commit", "git_dirty", "suite", "suite_hash", "backend", "framework",
     "framework_version", "device", "implementation", "cpu_model", "cpu_flags", "gpu_name", "gpu_driver",
-    "cuda_version", "start_time",
+    "cuda_version", "start_time", "cell",
 ]
 #: the algorithm every other one's GDU processes are compared with
 REFERENCE = "bptt"
@@ -192,7 +195,7 @@ def fs_error(path: str | os.PathLike, exc: OSError, doing: str = "cannot write")
 
 #: bytes per table row allowed for when estimating a run's output (measured: 23 bytes per row for
 #: parquet and csv.gz together on the bundled table3 suite; a fresh copy is written beside the old
-#: one at each update, hence the room for two)
+#: one at each update, and each row is in its cell's parquet file too: room for two and a half)
 BYTES_PER_ROW = 64
 #: bytes allowed per figure (PNG, and SVG with --svg: the largest measured pair, P-3h's GDU
 #: processes, is 0.9 MB)

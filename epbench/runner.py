@@ -23,15 +23,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 
-from epbench import __version__, compute, hardware, metrics, training
+from epbench import __version__, cells as cellstore, compute, hardware, metrics
 from epbench.backend import Availability, Backend
 from epbench.errors import BackendUnavailable, EpbenchError, signal_number
 from epbench.results import (BYTES_PER_FIGURE, BYTES_PER_ROW, COMPLETE, FAILED, INTERRUPTED, REFERENCE, RUNNING,
                              check_output_dir, comparison_name, fs_error, git_provenance, new_run_dir, this_process, to_frame,
                              write_meta, write_table)
 from epbench.suites import QUICK, Experiment, Suite, check_algorithms, expand_sweeps
-from epbench.training import EXPLODE_FACTOR, _max_abs, status_text, train_status
+from epbench.executors import ExecutorOptions, run_tasks
 
 SYNTHETIC = "synthetic"
 
@@ -49,6 +50,9 @@ class RunOptions:
     data_dir: str | None = None
     overrides: tuple[str, ...] = ()
     command: str = ""
+    resume: str | None = None  # a run directory to continue
+    fresh: bool = False  # never continue an unfinished run of the same settings under --out
+    executor: ExecutorOptions = dataclasses.field(default_factory=ExecutorOptions)
 
 
 Progress = Callable[[str, int, int], None]
@@ -189,6 +193,20 @@ class DataCache:
     def __init__(self, data_dir: str | None):
         self.data_dir = data_dir
         self._splits: dict = {}
+        self._digests: dict = {}
+
+    def digest(self, name: str) -> str:
+        """SHA-256 (hex) of a dataset's arrays: its identity in the cell keys, wherever its files are."""
+        if name not in self._digests:
+            import hashlib
+
+            split, h = self.get(name), hashlib.sha256()
+            for part in ("x_train", "y_train", "x_test", "y_test"):
+                array = np.ascontiguousarray(getattr(split, part))
+                h.update(f"{part}{array.dtype}{array.shape}".encode())
+                h.update(array.data)
+            self._digests[name] = h.hexdigest()
+        return self._digests[name]
 
     def get(self, name: str):
         if name not in self._splits:
@@ -256,72 +274,6 @@ def run_gdu(backend: Backend, exp: Experiment, trial: int, data: DataCache) -> l
         row.setdefault("compile_s", procs.timings.get("compile_s", 0.0))
         row.setdefault("run_s", run_s)
         row.setdefault("status", status)
-    return rows
-
-
-def run_train(backend: Backend, exp: Experiment, data: DataCache, progress: Progress) -> list[list[dict]]:
-    """Every trial of a training experiment, epoch by epoch, all trials together through
-    :func:`epbench.training.train_epochs` (a backend may batch them): for each algorithm, each
-    trial starts from its own seed's parameters (the same for every algorithm) and shuffles with
-    its own seed. A trial stops when the states or parameters turn NaN/inf or its parameters
-    explode (checked on the NumPy side after each epoch, :data:`epbench.training.EXPLODE_FACTOR`);
-    every row of a trial × algorithm gets its :func:`epbench.training.train_status`. Returns the
-    rows of each trial."""
-    from epbench.datasets import epoch_order
-
-    spec, train = exp.model, exp.train
-    seeds = [exp.seed + trial for trial in range(exp.trials)]
-    split = data.get(exp.dataset)
-    x_train, y_train = split.x_train[: exp.n_train], split.y_train[: exp.n_train]
-    x_test, y_test = split.x_test[: exp.n_test], split.y_test[: exp.n_test]
-    shape = (-1, *spec.input_shape)
-    x_train, x_test = x_train.reshape(shape), x_test.reshape(shape)
-    initial = [backend.init_params(spec, seed) for seed in seeds]
-    limits = [EXPLODE_FACTOR * _max_abs(p) for p in initial]
-    rows: list[list[dict]] = [[] for _ in seeds]
-    for algorithm in exp.algorithms:
-        params = [backend.from_numpy(spec, p, exp.dtype) for p in initial]
-        live = list(range(len(seeds)))  # trials that have neither diverged nor exploded
-        diverged, exploded = set(), set()
-        first_row = [len(r) for r in rows]
-        for epoch in range(1, train.epochs + 1):
-            orders = [epoch_order(x_train.shape[0], seeds[t] * 1_000_003 + epoch) for t in live]
-            start = time.perf_counter()
-            results = training.train_epochs(backend, spec, [params[t] for t in live], [x_train[o] for o in orders],
-                                            [y_train[o] for o in orders], exp.phase, train, algorithm)
-            for t, result in zip(live, results):
-                params[t] = result.params
-            tests = [float("nan") if r.diverged else training.evaluate(backend, spec, r.params, x_test, y_test,
-                                                                        exp.phase.T)
-                     for r in results]
-            backend.synchronize()
-            elapsed = (time.perf_counter() - start) / len(live)  # each trial's share
-            for t, result, test_error in zip(live, results, tests):
-                base = {"algorithm": algorithm, "epoch": epoch, "compile_s": result.timings.get("compile_s", 0.0),
-                        "run_s": result.timings.get("run_s", elapsed)}
-                rows[t] += [
-                    {**base, "metric": "train_error", "value": result.train_error},
-                    {**base, "metric": "test_error", "value": test_error},
-                    {**base, "metric": "diverged", "value": float(result.diverged)},
-                    {**base, "metric": "epoch_time_s", "value": elapsed},
-                ]
-                progress(f"{exp.name} trial {t + 1} {algorithm} epoch {epoch}: train {result.train_error:.2f}% "
-                         f"test {test_error:.2f}%", 1, 0)
-                if result.diverged:
-                    diverged.add(t)
-                elif _max_abs(backend.to_numpy(spec, result.params)) > limits[t]:
-                    exploded.add(t)
-            live = [t for t in live if t not in diverged and t not in exploded]
-            if not live:
-                break
-        for t in range(len(seeds)):
-            tests = [r["value"] for r in rows[t][first_row[t]:] if r["metric"] == "test_error"]
-            status = train_status(t in diverged, t in exploded, tests[-1] if tests else float("nan"), spec.n_out)
-            for row in rows[t][first_row[t]:]:
-                row["status"] = status
-            if status != "ok":
-                progress(f"warning: {exp.name} trial {t + 1} {algorithm}: {status}: "
-                         f"{status_text(status, spec.n_out)}", 0, 0)
     return rows
 
 
@@ -445,49 +397,84 @@ def plan_run(suite: Suite, opts: RunOptions) -> RunPlan:
 
 def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
               progress: Progress = _quiet, on_start: Callable[[Path], None] | None = None) -> Path:
-    """Run every experiment of ``suite`` on ``opts.backend``; returns the new run directory.
+    """Run every cell of ``suite`` on ``opts.backend`` (:mod:`epbench.cells`); returns the run directory.
 
-    :func:`plan_run` checks everything first; then the directory is created (``on_start`` is
-    called with it) and meta.json records ``status`` "running" with this process's pid and
-    host, and finally "complete", "interrupted" (SIGINT/SIGTERM: the KeyboardInterrupt goes on,
-    with ``run_dir`` set) or "failed" (an error: a filesystem error becomes an
-    :class:`EpbenchError` naming the path and the cause). The rows of finished experiments are
-    kept in every case."""
+    :func:`plan_run` checks everything first; then the run directory is created, or an earlier
+    one continued (:func:`open_run_dir`), ``on_start`` is called with it, and meta.json records
+    ``status`` "running" with this process's pid and host, and finally "complete", "interrupted"
+    (SIGINT/SIGTERM: the KeyboardInterrupt goes on, with ``run_dir`` set) or "failed" (an error,
+    or cells that failed: ``cells.failed`` names them; a filesystem error becomes an
+    :class:`EpbenchError` naming the path and the cause). Cells run through
+    ``opts.executor`` (:mod:`epbench.executors`); each finished cell's rows are on disk at once
+    and the table (results.parquet) is assembled from the cells after each one."""
     plan = plan_run(suite, opts)
     backend, avail, runnable = plan.backend, plan.availability, plan.experiments
     for item in plan.skipped:
         progress(f"skipping {item['experiment']}: {item['reason']}", 0, 0)
+    planned = cellstore.plan_cells(runnable, backend.name, plan.data)
+    cells = [cell for cell, _ in planned]
+    run_dir, previous = open_run_dir(opts, suite, [c.key for c in cells], progress)
 
-    run_dir = new_run_dir(opts.out, suite.name, opts.backend)
     commit, dirty = git_provenance()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     provenance = {
         "run_id": run_dir.name, "epbench_version": __version__, "git_commit": commit, "git_dirty": dirty,
         "suite": suite.name, "suite_hash": suite_hash, "backend": backend.name, "framework": backend.framework,
-        "framework_version": backend.framework_version(), "device": avail.device, "start_time": started,
+        "framework_version": backend.framework_version(), "device": avail.device,
+        "start_time": (previous or {}).get("start_time", started),
         **hardware.columns(backend.framework, avail.device),
     }
     meta = {
-        **provenance, "suite_path": str(suite_path), "command": opts.command, "started": started,
+        **provenance, "suite_path": str(suite_path), "command": opts.command,
+        "started": (previous or {}).get("started", started),
         "quick": opts.quick, "overrides": list(opts.overrides), "reductions": plan.reductions,
         "skipped": plan.skipped,
         "host": hardware.host(backend.framework, avail.device),
-        **this_process(), "status": RUNNING,
+        **this_process(), "status": RUNNING, "executor": opts.executor.describe(),
+        "attempts": (previous or {}).get("attempts", 1) + (1 if previous else 0),
     }
-    rows: list[dict] = []
-    meta["rows"] = 0  # rows on disk
+    if previous:
+        meta["resumed"] = [*previous.get("resumed", []), started]
+    records = {c.key: cellstore.read_record(run_dir, c.key) for c in cells if cellstore.is_done(run_dir, c.key)}
+    frames = {key: cellstore.read_rows(run_dir, key) for key in records}
+    reused = len(records)
+    meta["rows"] = 0  # rows in results.parquet
+    written = [-1]  # cells in the table on disk
 
     def save() -> None:
-        write_table(run_dir, to_frame(rows))
-        meta["rows"] = len(rows)
+        keys = [c.key for c in cells if c.key in frames]
+        table = pd.concat([frames[k] for k in keys], ignore_index=True) if keys else to_frame([])
+        write_table(run_dir, table)
+        meta["rows"], written[0] = len(table), len(keys)
+
+    def record_cells() -> None:
+        meta["cells"] = {**cellstore.summary(records, cells), "reused": reused}
+        meta["implementation"] = {str(f["experiment"].iloc[0]): str(f["implementation"].iloc[0])
+                                  for f in frames.values() if len(f)}
 
     try:
         if on_start is not None:
             on_start(run_dir)
         write_meta(run_dir, meta)
         write_suite_as_run(run_dir, suite, runnable)
-        _run_experiments(backend, runnable, plan.data, provenance, rows, save, progress)
-        meta["status"] = COMPLETE
+        cellstore.write_plan(run_dir, cells, suite_hash)
+        if reused:
+            progress(f"{reused} of {len(cells)} cells finished in an earlier attempt; running the other "
+                     f"{len(cells) - reused}", 0, 0)
+        _run_cells(run_dir, [(c, e) for c, e in planned if c.key not in records], len(cells), records, frames,
+                   provenance, opts, backend, plan.data, save, progress, "gpu" in str(avail.device).lower()
+                   or "cuda" in str(avail.device).lower())
+        if written[0] != len(frames):
+            save()
+        record_cells()
+        failed = meta["cells"]["failed"]
+        if failed:
+            meta["status"] = FAILED
+            meta["error"] = f"{len(failed)} of {len(cells)} cells failed: " + "; ".join(
+                f"{label} ({error})" for label, error in failed.items())
+        else:
+            meta["status"] = COMPLETE
+            meta.pop("error", None)
     except KeyboardInterrupt as exc:
         meta["status"], meta["signal"] = INTERRUPTED, _signal_name(signal_number(exc))
         exc.run_dir = run_dir
@@ -500,18 +487,142 @@ def run_suite(suite: Suite, suite_path: str, suite_hash: str, opts: RunOptions,
         raise
     finally:
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        meta["implementation"] = {row["experiment"]: row["implementation"] for row in rows}
         with signals_held():  # a second Ctrl-C must not leave "running" behind
+            for key, record in records.items():  # a cell recorded just before an interruption
+                if record.get("status") == cellstore.DONE and key not in frames:
+                    try:
+                        frames[key] = cellstore.read_rows(run_dir, key)
+                    except OSError:
+                        record["status"] = "unread"
+            record_cells()
             try:
-                if len(rows) > meta["rows"]:
+                if written[0] != len(frames):
                     save()
             except OSError:
-                pass  # the table of the experiments before stays on disk (meta["rows"] counts its rows)
+                pass  # the table of the cells before stays on disk (meta["rows"] counts its rows)
             try:
                 write_meta(run_dir, meta)
             except OSError:
                 pass  # a full disk: the "running" status left behind reads as interrupted once this process ends
     return run_dir
+
+
+def _run_cells(run_dir: Path, todo: list, total: int, records: dict, frames: dict, provenance: dict,
+               opts: RunOptions, backend: Backend, data: DataCache, save: Callable[[], None], progress: Progress,
+               gpu: bool) -> None:
+    """Run the cells not yet done through the executor; after each, its rows join the table."""
+    executor = dataclasses.replace(opts.executor, gpu=gpu)
+    tasks = [cellstore.CellTask(cells=[dataclasses.asdict(c) for c in group], experiment=exp.model_dump(mode="json"),
+                                backend=backend.name, data_dir=opts.data_dir, run_dir=str(run_dir),
+                                columns=provenance).to_dict() for group, exp in cell_groups(todo, backend)]
+    labels = {cell.key: cell.label for cell, _ in todo}
+    parallel = 1 if executor.in_process else (executor.jobs if not (executor.scheduler or executor.parallel_config)
+                                              else None)
+    shapes: set[tuple] = set()
+    experiments = {cell.key: exp for cell, exp in todo}
+
+    def before(task: dict) -> None:
+        """In process, on a backend that compiles per shape: a line before the first cell of each
+        new shape (:func:`compile_key`), which takes longer."""
+        exp = experiments[task["cells"][0]["key"]]
+        if backend.capabilities.compiles and compile_key(exp) not in shapes:
+            progress(f"compiling {exp.name} for {backend.name} (first run of this shape)…", 0, 0)
+        shapes.add(compile_key(exp))
+
+    if executor.in_process:
+        cellstore.preload(backend, data)
+    began, finished, failed = time.perf_counter(), 0, 0
+    done_before = total - len(todo)
+
+    def status() -> None:
+        remaining = len(todo) - finished
+        running = min(parallel, remaining) if parallel else remaining
+        eta = ""
+        if finished and remaining:
+            left = (time.perf_counter() - began) / finished * remaining / max(1, min(parallel or 1, remaining))
+            eta = f", ETA {int(left // 60)}:{int(left % 60):02d}"
+        progress(f"cells {done_before + finished - failed}/{total} done, {running} "
+                 f"{'running' if parallel else 'queued or running'}, {failed} failed{eta}",
+                 done_before + finished, total)
+
+    if todo:
+        progress(f"running {len(todo)} cells {executor.describe()}", 0, 0)
+        status()
+    for record in run_tasks(tasks, executor, lambda message: progress(message, 0, 0), before):
+        key = record["key"]
+        if record.get("lost"):  # its worker died too often: nothing recorded it
+            cellstore.write_cell(run_dir, key, None, record)
+        records[key] = record
+        finished += 1
+        if record["status"] == cellstore.DONE:
+            frames[key] = cellstore.read_rows(run_dir, key)
+            save()
+            resumed = f" (continued after epoch {record['resumed_from']})" if record.get("resumed_from") else ""
+            progress(f"{labels[key]} done in {record['wall_s']:.1f} s{resumed}", 0, 0)
+        else:
+            failed += 1
+            progress(f"warning: {labels[key]} failed: {record['error']}", 0, 0)
+        for warning in record.get("warnings", []):
+            progress(warning, 0, 0)
+        status()
+
+
+def cell_groups(todo: list, backend: Backend) -> list[tuple[list, Experiment]]:
+    """The tasks of a run: one cell each, except on a backend that batches trials
+    (``backend.batch_trials``, e.g. jax with ``EPBENCH_BATCH_TRIALS=1``), where the trials of
+    one training experiment × algorithm stay together, one program over them, in one task."""
+    groups: list[tuple[list, Experiment]] = []
+    index: dict[tuple, int] = {}
+    for cell, exp in todo:
+        if exp.task == "train" and backend.batch_trials:
+            key = (cell.experiment, cell.algorithm)
+            if key in index:
+                groups[index[key]][0].append(cell)
+                continue
+            index[key] = len(groups)
+        groups.append(([cell], exp))
+    return groups
+
+
+def open_run_dir(opts: RunOptions, suite: Suite, keys: list[str], progress: Progress) -> tuple[Path, dict | None]:
+    """(run directory, its earlier meta.json or None for a new one). Continued: ``--resume
+    RUN_DIR``; ``--out RUN_DIR`` naming a run directory; or, unless ``--fresh``, the latest
+    unfinished (interrupted or failed) run under ``--out`` whose cells are this run's. A run
+    directory whose cells differ from this run's (other settings, data, backend) is refused."""
+    from epbench.results import read_meta
+
+    target = opts.resume or (opts.out if cellstore.read_plan(opts.out) is not None else None)
+    if target is None and not opts.fresh:
+        root = Path(opts.out)
+        for candidate in sorted(root.glob("*/" + cellstore.CELLS + "/" + cellstore.PLAN), reverse=True):
+            run_dir = candidate.parent.parent
+            try:
+                same = [c["key"] for c in (cellstore.read_plan(run_dir) or {}).get("cells", [])] == keys
+                status = read_meta(run_dir).get("status")
+            except (OSError, ValueError, EpbenchError):
+                continue
+            if same and status in (INTERRUPTED, FAILED):
+                progress(f"continuing {run_dir} (the same cells, status {status}); --fresh starts a new run", 0, 0)
+                target = str(run_dir)
+                break
+    if target is None:
+        return new_run_dir(opts.out, suite.name, opts.backend), None
+    run_dir = Path(target)
+    plan = cellstore.read_plan(run_dir)
+    if plan is None:
+        raise EpbenchError(f"{run_dir}: --resume: not a run directory with cells ({cellstore.CELLS}/{cellstore.PLAN} "
+                           "missing)")
+    meta = read_meta(run_dir)
+    if meta.get("status") == RUNNING:
+        raise EpbenchError(f"{run_dir}: --resume: the run is still going (process {meta.get('pid')} on "
+                           f"{meta.get('hostname')})")
+    theirs = [c["key"] for c in plan.get("cells", [])]
+    if theirs != keys:
+        gone, new = len(set(theirs) - set(keys)), len(set(keys) - set(theirs))
+        raise EpbenchError(f"{run_dir}: --resume: the settings differ from that run's ({gone} of its {len(theirs)} "
+                           f"cells not in this run, {new} new ones): its cells would not be comparable; start a "
+                           "new run (--fresh, or another --out)")
+    return run_dir, meta
 
 
 @contextlib.contextmanager
@@ -555,50 +666,6 @@ def compile_key(exp: Experiment) -> tuple:
     settings (β aside, a run-time value) and the batch size."""
     batch = exp.train.batch_size if exp.task == "train" else exp.batch_size
     return exp.task, exp.model.model_dump_json(), exp.phase.model_dump_json(exclude={"beta"}), batch
-
-
-def _run_experiments(backend: Backend, runnable: list[Experiment], data: DataCache, provenance: dict,
-                     rows: list[dict], save: Callable[[], None], progress: Progress) -> None:
-    """Run the experiments in order, appending to ``rows`` and writing the table (``save``) after each.
-    A backend that compiles per shape (``capabilities.compiles``) gets a progress line before
-    the first call of each new shape (see :func:`compile_key`), which takes longer."""
-    total = sum(e.trials for e in runnable)
-    done = 0
-    shapes: set[tuple] = set()
-    for exp in runnable:
-        compiling = backend.capabilities.compiles and compile_key(exp) not in shapes
-        shapes.add(compile_key(exp))
-        note = f"compiling {exp.name} for {backend.name} (first run of this shape)…"
-        if exp.task == "train":  # all trials together (a backend may batch them)
-            which = f"trials 1-{exp.trials}" if exp.trials > 1 else "trial 1/1"
-            progress(f"{exp.name} (train) {which}", done, total)
-            if compiling:
-                progress(note, done, total)
-            start = time.perf_counter()
-            per_trial = run_train(backend, exp, data, progress)
-            wall = (time.perf_counter() - start) / exp.trials
-            ran = {"implementation": backend.pop_implementation()}
-            for trial, new in enumerate(per_trial):
-                columns = experiment_columns(exp, trial)
-                rows += [{**provenance, **ran, **columns, **row, "wall_time_s": wall} for row in new]
-            save()
-            done += exp.trials
-            progress(f"{exp.name} {exp.trials} trial(s) done in {wall * exp.trials:.1f} s", done, total)
-            continue
-        for trial in range(exp.trials):
-            progress(f"{exp.name} ({exp.task}) trial {trial + 1}/{exp.trials}", done, total)
-            if compiling and trial == 0:
-                progress(note, done, total)
-            start = time.perf_counter()
-            new = run_gdu(backend, exp, trial, data)
-            wall = time.perf_counter() - start
-            ran = {"implementation": backend.pop_implementation()}
-            columns = experiment_columns(exp, trial)
-            for row in new:
-                rows.append({**provenance, **ran, **columns, **row, "wall_time_s": wall})
-            save()
-            done += 1
-            progress(f"{exp.name} trial {trial + 1} done in {wall:.1f} s", done, total)
 
 
 def write_suite_as_run(run_dir: Path, suite: Suite, experiments: list[Experiment]) -> None:

@@ -154,7 +154,7 @@ def _train_table(rows_by_experiment: dict):
     """A tidy training table of the runner's schema: {experiment: (flavour, EP final, BPTT final)}
     over two trials and two epochs, the verdict of :func:`epbench.training.train_status` per trial."""
     from epbench.results import to_frame
-    from epbench.runner import train_status
+    from epbench.training import train_status
 
     rows = []
     for exp, (flavor, ep_final, bptt_final) in rows_by_experiment.items():
