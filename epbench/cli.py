@@ -270,13 +270,14 @@ def _plain(*texts: str) -> list[str]:
 @cli.command()
 def plugins():
     """List the loaded plugins: distribution, version, hooks and what each registers (backends,
-    datasets, algorithms), then every registered algorithm."""
+    datasets, algorithms, models), then every registered algorithm and model."""
     from rich.console import Console
     from rich.table import Table
 
     reg = _registry()
     table = Table("entry point", "module", "distribution", "hooks", "registers", "status")
-    kinds = (("backend", reg.backends), ("dataset", reg.datasets), ("algorithm", reg.algorithms))
+    kinds = (("backend", reg.backends), ("dataset", reg.datasets), ("algorithm", reg.algorithms),
+             ("model", reg.models))
     for info in reg.plugins:
         registers = "; ".join(f"{kind}s: {', '.join(names)}" for kind, names in
                               ((kind, [n for n in info.registers if n in found]) for kind, found in kinds) if names)
@@ -292,6 +293,11 @@ def plugins():
         algos.add_row(*_plain(name, plugin_of.get(name, "?"), getattr(algorithm, "agrees_with_bptt", "") or "—",
                               "yes" if has_processes(algorithm) else "no", getattr(algorithm, "summary", "")))
     console.print(algos)
+    models = Table("model kind", "plugin", "energy-based", "summary")
+    for kind, model in reg.models.items():
+        models.add_row(*_plain(kind, plugin_of.get(kind, "?"), "yes" if model.energy_based else "no",
+                               getattr(model, "summary", "")))
+    console.print(models)
 
 
 @cli.command()

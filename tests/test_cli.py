@@ -322,3 +322,16 @@ def test_compiling_backend_says_so_once_per_shape(tmp_path):
     out = epbench("run", str(suite), "--no-report", "--out", str(tmp_path / "torch"))
     assert out.returncode == 0, out.stderr
     assert not [line for line in out.stderr.splitlines() if line.startswith("compiling")]
+
+
+def test_plugins_lists_what_each_plugin_registers():
+    """`epbench plugins` names, per plugin, the backends, datasets, algorithms and models it
+    registers, then a table of algorithms and one of models."""
+    pytest.importorskip("epbench_rbp")
+    pytest.importorskip("epbench_lateral")
+    out = epbench("plugins")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any("epbench-rbp" in line and "algorithms: rbp" in line for line in lines)
+    assert any("epbench-lateral" in line and "models: eb-lateral" in line for line in lines)
+    assert "model kind" in out.stdout and "eb-lateral" in out.stdout and "fixed-point" in out.stdout
