@@ -92,6 +92,15 @@ class Dynamics(Protocol):
     def internal(self, s): """States from the canonical layout."""
 
 
+def batch_trials_from_env() -> bool:
+    """``EPBENCH_BATCH_TRIALS=1``: the backends that can batch trials (jax: ``jax.vmap``; torch:
+    ``torch.func.vmap``) run the trials of a training experiment as one program. Off by default:
+    whether it pays depends on the device (measured by ``epbench bench --trials``)."""
+    import os
+
+    return os.environ.get("EPBENCH_BATCH_TRIALS", "") == "1"
+
+
 class Backend(ABC):
     """Base class of every backend (built-in or third party)."""
 
@@ -204,6 +213,7 @@ class Backend(ABC):
         return self.framework or "default"
 
     #: train several trials as one program (``ops.map`` over stacked trials); off by default
+    #: (a backend that can sets it from :func:`batch_trials_from_env`)
     batch_trials: bool = False
 
     def synchronize(self) -> None:

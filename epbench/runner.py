@@ -569,7 +569,7 @@ def _run_cells(run_dir: Path, todo: list, total: int, records: dict, frames: dic
 
 def cell_groups(todo: list, backend: Backend) -> list[tuple[list, Experiment]]:
     """The tasks of a run: one cell each, except on a backend that batches trials
-    (``backend.batch_trials``, e.g. jax with ``EPBENCH_BATCH_TRIALS=1``), where the trials of
+    (``backend.batch_trials``: jax or torch with ``EPBENCH_BATCH_TRIALS=1``), where the trials of
     one training experiment × algorithm stay together, one program over them, in one task."""
     groups: list[tuple[list, Experiment]] = []
     index: dict[tuple, int] = {}

@@ -20,6 +20,7 @@ import math
 import time
 
 import numpy as np
+from array_api_compat import device
 
 from epbench.algorithms import FreePhase
 from epbench.backend import Backend, Params
@@ -58,6 +59,10 @@ def chunk_program(backend: Backend, spec: ModelSpec, phase: PhaseSettings, algor
     def run(params, xs, ys, labels, lrs, beta):
         xp = ops.xp
         bs = xs.shape[1]
+        dev = device(xs)  # constants on the data's device: no host copies inside the program
+
+        def count(n):
+            return xp.asarray(n, dtype=xp.int32, device=dev)
 
         def body(carry, batch):
             p, diverged, n_wrong, seen = carry
@@ -65,16 +70,15 @@ def chunk_program(backend: Backend, spec: ModelSpec, phase: PhaseSettings, algor
 
             def live(p):
                 new, w, finite = sgd_step(p, x, y, lab, lrs, beta)
-                return new, ~finite, w, xp.asarray(bs, dtype=xp.int32)
+                return new, ~finite, w, count(bs)
 
             def skip(p):
-                return p, diverged, xp.asarray(0, dtype=xp.int32), xp.asarray(0, dtype=xp.int32)
+                return p, diverged, count(0), count(0)
 
             p, div, w, n = ops.cond(~diverged, live, skip, p)
             return (p, div, n_wrong + w, seen + n), None
 
-        zero = xp.asarray(0, dtype=xp.int32)
-        init = (params, xp.asarray(False), zero, zero)
+        init = (params, xp.asarray(False, device=dev), count(0), count(0))
         (p, div, n_wrong, seen), _ = ops.scan(body, init, (xs, ys, labels))
         return p, n_wrong, seen, div | ~all_finite(ops, list(p.values()))
 

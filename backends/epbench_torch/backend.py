@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from epbench.backend import Availability, Backend, Capabilities
+from epbench.backend import Availability, Backend, Capabilities, batch_trials_from_env
 from epbench.errors import BackendUnavailable
 from epbench.spec import ModelSpec
 
@@ -75,13 +75,20 @@ class TorchBackend(Backend):
         self.device_kind = device
         self.name = f"torch-{device}"
         self._ops = None
+        #: the trials of a training experiment as one ``torch.func.vmap``ped program
+        #: (``EPBENCH_BATCH_TRIALS=1``; the ops are then functional, :class:`TorchOps`)
+        self.batch_trials = batch_trials_from_env()
+        #: how programs run (:class:`epbench_torch.graphs.GraphRunner`: eager, or CUDA graphs on
+        #: torch-cuda as ``EPBENCH_TORCH_GRAPHS`` says), made on first use
+        self.runner = None
 
     def __repr__(self) -> str:
         return f"TorchBackend({self.device_kind!r})"
 
     def pop_implementation(self) -> str:
-        """Every call runs one way: eager PyTorch, one kernel launch per operation of each step."""
-        return "eager"
+        """``eager`` (one kernel launch per operation of each step), ``cuda-graph`` (the program
+        replayed as one CUDA graph, :mod:`epbench_torch.graphs`) or both joined by "+"."""
+        return self.runner.pop_used() if self.runner is not None else "eager"
 
     # ----- discovery ----------------------------------------------------------------------
     def availability(self, probe: bool = False) -> Availability:
@@ -165,18 +172,20 @@ class TorchBackend(Backend):
         if self._ops is None:
             from epbench_torch.ops import TorchOps
 
-            self._ops = TorchOps()
+            self._ops = TorchOps(device_side=self.device_kind == "cuda", functional=self.batch_trials)
         return self._ops
 
     def run(self, key: tuple, build, *args):
-        """The program run eagerly without autograd (one step's VJP enables it locally)."""
+        """The program without autograd (one step's VJP enables it locally): eagerly on the CPU;
+        on CUDA as a replayed CUDA graph where that is faster (:mod:`epbench_torch.graphs`)."""
         import torch
 
-        t0 = time.perf_counter()
+        if self.runner is None:
+            from epbench_torch.graphs import GraphRunner, mode_from_env
+
+            self.runner = GraphRunner(mode_from_env(self.device_kind), synchronize=self.synchronize)
         with torch.no_grad():
-            out = build()(*args)
-        self.synchronize()
-        return out, {"compile_s": 0.0, "run_s": time.perf_counter() - t0}
+            return self.runner.run(key, build, args)
 
     @staticmethod
     def _np(t) -> np.ndarray:

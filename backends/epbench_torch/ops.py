@@ -3,6 +3,15 @@
 Feature maps are NCHW (the canonical layout). ``vjp`` is one ``torch.autograd.grad`` through
 the function's recorded graph, with the primals as fresh leaves; its pullback may be called
 more than once (the graph is retained).
+
+On a CUDA device (``device_side=True``) nothing in a program reads a value back to the host:
+``cond`` evaluates both branches and selects on the device, so that a whole phase or training
+chunk runs without a synchronisation and can be captured as one CUDA graph
+(:mod:`epbench_torch.graphs`). On the CPU ``cond`` reads its predicate and runs one branch.
+
+``functional=True`` (trials batched, ``EPBENCH_BATCH_TRIALS=1``): ``vjp`` is ``torch.func.vjp``
+and a batched ``map`` is ``torch.func.vmap``, so that a whole training chunk, VJPs included,
+can be mapped over stacked trials (``torch.autograd.grad`` cannot run under ``vmap``).
 """
 
 from __future__ import annotations
@@ -15,8 +24,20 @@ from epbench.ops import EagerOps, tree_leaves, tree_map, tree_unflatten
 
 
 class TorchOps(EagerOps):
-    def __init__(self):
+    def __init__(self, device_side: bool = False, functional: bool = False):
         super().__init__(xp)
+        #: ``cond`` selects on the device instead of reading its predicate (no host synchronisation;
+        #: needed under ``vmap`` too, which cannot read a value)
+        self.device_side = device_side or functional
+        #: ``torch.func`` transforms for ``vjp`` and batched ``map`` (they compose with ``vmap``)
+        self.functional = functional
+
+    def cond(self, pred, true_fn, false_fn, operand):
+        """``true_fn(operand)`` where ``pred`` else ``false_fn(operand)``; with ``device_side``
+        both are computed and ``torch.where`` picks leaf by leaf (the same values, no sync)."""
+        if not self.device_side:
+            return super().cond(pred, true_fn, false_fn, operand)
+        return tree_map(lambda a, b: torch.where(pred, a, b), true_fn(operand), false_fn(operand))
 
     def clip01(self, v):
         return v.clamp(0.0, 1.0)
@@ -50,7 +71,15 @@ class TorchOps(EagerOps):
     def add_scaled(self, s, d, h: float):
         return torch.add(s, d, alpha=h)
 
+    def map(self, f, *xs, batched: bool = True):
+        """``torch.func.vmap`` when ``functional`` and ``batched``, else a loop."""
+        if self.functional and batched:
+            return torch.func.vmap(f)(*xs)
+        return super().map(f, *xs, batched=batched)
+
     def vjp(self, f, *primals, has_aux: bool = False):
+        if self.functional:
+            return torch.func.vjp(f, *primals, has_aux=has_aux)
         leaves = tree_map(lambda a: a.detach().requires_grad_(True), primals)
         with torch.enable_grad():
             res = f(*leaves)
@@ -73,7 +102,10 @@ class TorchOps(EagerOps):
         return (out, pullback, aux) if has_aux else (out, pullback)
 
     def pullback_stacked(self, pullback, cotangents, batched: bool = True):
-        """One batched backward pass (``is_grads_batched``) for every cotangent of the stack."""
+        """One batched backward pass for every cotangent of the stack (``is_grads_batched``;
+        ``torch.func.vmap`` of the pullback when ``functional``)."""
+        if self.functional:
+            return torch.func.vmap(pullback)(cotangents)
         return pullback(cotangents, batched=True)
 
     def conv2d(self, z, kernel, b=None):

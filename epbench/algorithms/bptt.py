@@ -82,10 +82,11 @@ def prop4(ops, dyn, states, s_T, y, per_step: bool):
             (_, raw), _ = ops.scan(acc, (gs, raw), ops.tree_map(lambda a: a[:n - 1], states), reverse=True)
         return dyn.theta_grad(raw)
 
-    def body(g, t):  # step t = 1..n, at s_{T−t}
-        gs, raw = dyn.vjp(ops.tree_map(lambda a: a[n - t], states), g)
+    def body(g, s):  # the step at s_{T−t}, t = 1..n
+        gs, raw = dyn.vjp(s, g)
         return gs, (batch_sum(gs), raw)
 
-    # row t = 0: ∇θ(0) = 0
-    _, (bptt_s, raws) = ops.scan(body, g0, xp.arange(1, n + 1), first_y=(batch_sum(g0), dyn.zero_raw()))
+    # outputs in the time order of ``states`` (index j: t = n − j), flipped to t = 1..n; row t = 0: ∇θ(0) = 0
+    _, ys = ops.scan(body, g0, states, reverse=True)
+    bptt_s, raws = ops.concat_front((batch_sum(g0), dyn.zero_raw()), ops.tree_map(lambda v: xp.flip(v, axis=0), ys))
     return bptt_s, dyn.theta_grad(raws, stacked=True)  # linear: one map over every t
