@@ -59,10 +59,10 @@ def chunk_program(backend: Backend, spec: ModelSpec, phase: PhaseSettings, algor
     def run(params, xs, ys, labels, lrs, beta):
         xp = ops.xp
         bs = xs.shape[1]
-        dev = device(xs)  # constants on the data's device: no host copies inside the program
+        dev = device(xs)  # constants filled on the data's device: no host-to-device copy inside the program
 
         def count(n):
-            return xp.asarray(n, dtype=xp.int32, device=dev)
+            return xp.full((), n, dtype=xp.int32, device=dev)
 
         def body(carry, batch):
             p, diverged, n_wrong, seen = carry
@@ -78,7 +78,7 @@ def chunk_program(backend: Backend, spec: ModelSpec, phase: PhaseSettings, algor
             p, div, w, n = ops.cond(~diverged, live, skip, p)
             return (p, div, n_wrong + w, seen + n), None
 
-        init = (params, xp.asarray(False, device=dev), count(0), count(0))
+        init = (params, xp.zeros((), dtype=xp.bool, device=dev), count(0), count(0))
         (p, div, n_wrong, seen), _ = ops.scan(body, init, (xs, ys, labels))
         return p, n_wrong, seen, div | ~all_finite(ops, list(p.values()))
 

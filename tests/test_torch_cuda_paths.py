@@ -4,7 +4,7 @@
   GDU, training chunks, evaluation, F and Φ) is run on PyTorch's meta device with the CUDA
   settings of :class:`TorchOps` (``device_side=True``): reading a value on the host raises
   there, as a synchronisation would break a CUDA-graph capture, and any tensor an operation
-  puts on the CPU is recorded (a host copy inside a capture).
+  puts on the CPU or makes from host data is recorded (a host copy inside a capture).
 * The device-side ``cond`` trains bit for bit like the host one, divergence included.
 * Trials batched with ``torch.func.vmap`` (``EPBENCH_BATCH_TRIALS=1``) train each trial as alone.
 * :class:`GraphRunner` with a replay that recomputes the outputs in place from the static
@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import SMALL_MODELS
@@ -32,7 +33,9 @@ from epbench_torch.ops import TorchOps
 
 
 class _CpuTensors(TorchDispatchMode):
-    """Records every operation that returns a CPU tensor."""
+    """Records every operation that returns a CPU tensor or copies one to the device (a Python
+    scalar made into a device tensor is such a copy: on CUDA, a host-to-device transfer that a
+    graph capture refuses)."""
 
     def __init__(self):
         super().__init__()
@@ -40,9 +43,27 @@ class _CpuTensors(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in torch.utils._pytree.tree_leaves(out)):
+        leaves = torch.utils._pytree.tree_leaves
+        on_cpu = [isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in leaves(out)]
+        from_cpu = [isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in leaves((args, kwargs))]
+        if any(on_cpu) or (any(from_cpu) and func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)):
             self.ops.add(str(func))
         return out
+
+
+class _HostData(TorchFunctionMode):
+    """Records tensors made from host data (``torch.tensor(3.0)``, ``torch.asarray(False)``):
+    on CUDA each is a host-to-device copy, which a graph capture refuses (the dispatch mode
+    above does not see them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.tensor, torch.asarray, torch.as_tensor) and args and not isinstance(args[0], torch.Tensor):
+            self.calls.add(f"torch.{func.__name__}({args[0]!r})")
+        return func(*args, **(kwargs or {}))
 
 
 class MetaCheckedBackend(TorchBackend):
@@ -57,14 +78,16 @@ class MetaCheckedBackend(TorchBackend):
 
     def run(self, key, build, *args):
         meta = tree_map(lambda a: a.to("meta") if isinstance(a, torch.Tensor) else a, args)
-        cpu = _CpuTensors()
+        cpu, host = _CpuTensors(), _HostData()
         try:
-            with torch.no_grad(), cpu:
+            with torch.no_grad(), cpu, host:
                 build()(*meta)
         except Exception as exc:  # noqa: BLE001 - recorded for the assertion
             self.problems.append(f"{key[0]}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
         if cpu.ops:
             self.problems.append(f"{key[0]}: tensors made on the CPU by {sorted(cpu.ops)}")
+        if host.calls:
+            self.problems.append(f"{key[0]}: tensors made from host data by {sorted(host.calls)}")
         self.checked.append(key[0])
         return super().run(key, build, *args)
 
