@@ -170,13 +170,31 @@ def best_time(work: Callable[[], object], backend, repeats: int = 3,
 
 
 def time_per_batch(backend, model: str, algorithm: str, batches: int = 10, dtype: str = "float32",
-                   batch_size: int = 20, repeats: int = 3, alternate: bool = False) -> Timing:
+                   batch_size: int = 20, repeats: int = 3, alternate: bool = False, trials: int = 1) -> Timing:
     """Seconds per mini-batch of one training step (a registered algorithm: ``ep``, ``bptt``, ...)
     or one GDU computation of EP's and BPTT's processes (``gdu``), timed by :func:`best_time` over ``batches`` mini-batches on the same data (the
-    first call, of all ``batches``, whole)."""
+    first call, of all ``batches``, whole).
+
+    ``trials`` > 1 (training steps only): that many independent trials (their own parameter
+    copies, from seeds 0, 1, ...) trained together by one ``training.train_epochs`` call, as an
+    experiment's trials are: one mapped program where ``backend.batch_trials`` is true, else one
+    after the other. The run time is then per batch *and per trial* (so 1 and N trials compare
+    directly); the first call stays whole (all trials)."""
+    if trials < 1:
+        raise ValueError(f"trials must be at least 1, not {trials}")
+    if algorithm == "gdu" and trials > 1:
+        raise ValueError("GDU is timed for one trial only (trials=1)")
     spec, phase, train = settings(model, dtype, alternate)
     train = train.model_copy(update={"batch_size": batch_size, "lrs": tuple(0.0 for _ in train.lrs)})
     params = backend.from_numpy(spec, backend.init_params(spec, 0), dtype)
+    if algorithm != "gdu" and trials > 1:
+        copies = [params] + [backend.from_numpy(spec, backend.init_params(spec, seed), dtype)
+                             for seed in range(1, trials)]
+        x, labels = _random_data(spec, batch_size * batches)
+
+        def work():
+            training.train_epochs(backend, spec, copies, [x] * trials, [labels] * trials, phase, train, algorithm)
+        return best_time(work, backend, repeats).per(batches * trials)
     if algorithm == "gdu":
         x, labels = _random_data(spec, batch_size)
         y = np.eye(spec.n_out)[labels]
@@ -235,9 +253,13 @@ def _rows(backend, model: str, spec, phase, algorithm: str, batch: int, peak: fl
 
 
 def bench_rows(backend, models=BENCH_MODELS, algorithms=("ep", "bptt", "gdu"), batches: int = 10,
-               progress: Callable[[str], None] = lambda _m: None, alternate: bool = False) -> list[dict]:
+               progress: Callable[[str], None] = lambda _m: None, alternate: bool = False,
+               trials: int = 1) -> list[dict]:
     """One row per (model, algorithm, metric) for ``backend``; with ``alternate``, the training
-    steps under the even/odd alternation (P models only; GDU is not timed). The matmul peak is
+    steps under the even/odd alternation (P models only; GDU is not timed); with ``trials`` > 1,
+    that many trials trained together, seconds per batch per trial (:func:`time_per_batch`; GDU
+    is not timed). Each measurement has a ``trials`` row (metric ``trials``, the number of
+    trials trained together; 1 by default) beside its timings. The matmul peak is
     measured again before each model, so that each row's fraction compares two measurements
     made within seconds of each other (timings on a shared machine drift over minutes)."""
     progress(f"{backend.name}: {describe_tf32(backend.framework, tf32_settings(backend.framework))}")
@@ -250,19 +272,20 @@ def bench_rows(backend, models=BENCH_MODELS, algorithms=("ep", "bptt", "gdu"), b
             continue
         peak = device_peak(backend)
         for algorithm in algorithms:
-            if alternate and algorithm == "gdu":
+            if (alternate or trials > 1) and algorithm == "gdu":
                 continue
-            timing = time_per_batch(backend, model, algorithm, batches=batches, alternate=alternate)
+            timing = time_per_batch(backend, model, algorithm, batches=batches, alternate=alternate, trials=trials)
             seconds = timing.best_s
             work = useful_flops(model, algorithm, alternate=alternate)
             gflops = work / seconds / 1e9
             made = _rows(backend, model, spec, phase, algorithm, 20, peak, gflops,
                          {"seconds_per_batch": seconds, "seconds_per_sample": seconds / 20, "flops_per_batch": work,
-                          "first_call_seconds": timing.first_s})
+                          "first_call_seconds": timing.first_s, "trials": float(trials)})
             rows += made
+            per = f" trials={trials}" + (" (per batch per trial)" if trials > 1 else "")
             progress(f"{backend.name:<10} {model:<7} {algorithm:<5} {seconds * 1e3:9.2f} ms/batch "
                      f"{work / 1e6:9.1f} MFLOP {gflops:8.1f} GFLOP/s {100 * gflops / peak:6.1f}% of {peak:.0f} "
-                     f"(first call {timing.first_s:.2f} s) [{made[0]['implementation']}]")
+                     f"(first call {timing.first_s:.2f} s) [{made[0]['implementation']}]{per}")
     return rows
 
 

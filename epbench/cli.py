@@ -489,8 +489,14 @@ def compare(run_a, run_b, tolerance, metrics, reference, out_file):
               "(phase.alternate); other models are skipped, GDU is not timed.")
 @click.option("--per-step", is_flag=True, help="Instead: time one first-phase step at batch sizes "
               "1, 5, 10, 20 and 40 (does the step cost grow with the batch, or is it fixed?).")
+@click.option("--trials", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Train N independent trials together (their own parameter copies), as an experiment's "
+                   "trials are: one mapped program where the backend batches trials (jax or torch with "
+                   "EPBENCH_BATCH_TRIALS=1), else one after the other. Times are seconds per batch per trial, "
+                   "so 1 and N compare directly. GDU is not timed with N > 1: `-a gdu` is refused and the "
+                   "default algorithms are then ep and bptt.")
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
-def bench(names, models, algorithms, batches, alternate, per_step, out):
+def bench(names, models, algorithms, batches, alternate, per_step, trials, out):
     """Time EP and BPTT training steps and GDU per batch of 20 (Table 4 settings): useful FLOPs,
     GFLOP/s and the fraction of the device's float32 matmul peak measured on the spot."""
     import time
@@ -500,8 +506,10 @@ def bench(names, models, algorithms, batches, alternate, per_step, out):
     from epbench.presets import TABLE4
     from epbench.results import git_provenance, new_run_dir, to_frame, write_meta, write_table
 
-    if per_step and (alternate or algorithms):
-        raise EpbenchError("--per-step times the first-phase step only: drop --alternate and --algorithm")
+    if per_step and (alternate or algorithms or trials > 1):
+        raise EpbenchError("--per-step times the first-phase step only: drop --alternate, --algorithm and --trials")
+    if trials > 1 and "gdu" in algorithms:
+        raise EpbenchError("--trials > 1 times training steps only: GDU is computed for one trial (drop -a gdu)")
     reg = _registry()
     for algorithm in algorithms:
         if algorithm != "gdu" and algorithm not in reg.algorithms:
@@ -535,8 +543,9 @@ def bench(names, models, algorithms, batches, alternate, per_step, out):
         if per_step:
             made = step_rows(backend, models or BENCH_MODELS, progress=click.echo)
         else:
-            made = bench_rows(backend, models or BENCH_MODELS, algorithms or ("ep", "bptt", "gdu"), batches,
-                              click.echo, alternate=alternate)
+            made = bench_rows(backend, models or BENCH_MODELS,
+                              algorithms or (("ep", "bptt", "gdu") if trials == 1 else ("ep", "bptt")), batches,
+                              click.echo, alternate=alternate, trials=trials)
         for row in made:
             rows.append({**row, "device": avail.device, "epbench_version": __version__, "git_commit": commit,
                          "git_dirty": dirty, "suite": "bench", "start_time": started, "trial": 0, "seed": 0})
@@ -547,6 +556,7 @@ def bench(names, models, algorithms, batches, alternate, per_step, out):
     write_meta(run_dir, {"suite": "bench", "command": shlex.join(["epbench", *sys.argv[1:]]), "started": started,
                          "git_commit": commit, "git_dirty": dirty, "epbench_version": __version__,
                          "backends": [b.name for b, _ in backends_], "host": hardware.host(),
+                         **({} if per_step else {"trials": trials}),
                          "tf32": {b.name: describe_tf32(b.framework, tf32_settings(b.framework)) for b, _ in backends_}})
     click.echo(str(run_dir))
 

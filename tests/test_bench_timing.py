@@ -125,3 +125,58 @@ def test_bench_records_the_first_call_apart_and_the_tf32_state(tmp_path):
     line = bench.describe_tf32("torch", bench.tf32_settings("torch"))
     assert read_meta(run_dir)["tf32"] == {"torch-cpu": line}
     assert f"torch-cpu: {line}" in out.stdout
+
+
+def test_bench_trials_times_trials_trained_together(tmp_path):
+    """`epbench bench --trials 2` on torch-cpu: the measurement's rows say trials=2 (a ``trials``
+    row beside the timings, and meta.json), its times are finite and positive (per batch per
+    trial), the progress line names the trials, and GDU is not timed."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from epbench.results import read_meta, read_table
+
+    out = subprocess.run([sys.executable, "-m", "epbench.cli", "bench", "-b", "torch-cpu", "-m", "p-1h", "-a", "ep",
+                          "--batches", "1", "--trials", "2", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = tmp_path.iterdir()
+    df = read_table(run_dir)
+    assert set(df.algorithm) == {"ep"}
+    value = {m: df.loc[df.metric == m, "value"].item() for m in df.metric.unique()}
+    assert value["trials"] == 2
+    for metric in ("seconds_per_batch", "seconds_per_sample", "first_call_seconds", "gflops"):
+        assert np.isfinite(value[metric]) and value[metric] > 0, metric
+    assert read_meta(run_dir)["trials"] == 2
+    assert "trials=2 (per batch per trial)" in out.stdout
+
+
+def test_bench_rows_default_to_one_trial_and_gdu_needs_one_trial():
+    """Without ``trials`` every measurement has a trials=1 row; time_per_batch refuses GDU for
+    more than one trial and a trial count below 1."""
+    from epbench.plugins import registry
+
+    backend = registry().backends["numpy"] if "numpy" in registry().backends else None
+    if backend is None:
+        pytest.skip("the numpy example backend is not installed")
+    rows = bench.bench_rows(backend, models=("p-1h",), algorithms=("ep",), batches=1)
+    assert {r["value"] for r in rows if r["metric"] == "trials"} == {1.0}
+    with pytest.raises(ValueError, match="GDU"):
+        bench.time_per_batch(backend, "p-1h", "gdu", batches=1, trials=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        bench.time_per_batch(backend, "p-1h", "ep", batches=1, trials=0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trials", "0"], "Invalid value for '--trials'"),
+    (["--trials", "two"], "Invalid value for '--trials'"),
+    (["--trials", "2", "-a", "gdu"], "--trials > 1 times training steps only"),
+    (["--trials", "2", "--per-step"], "--per-step times the first-phase step only"),
+])
+def test_bench_rejects_bad_trials(args, message, tmp_path, capsys):
+    from epbench.cli import main
+
+    assert main(["bench", "-b", "torch-cpu", *args, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # rejected before any timing or output

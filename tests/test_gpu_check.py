@@ -73,6 +73,92 @@ def test_cpu_mode_runs_every_step_and_writes_the_folder(cpu_check):
     assert (out / "summary.md").read_text() == summary
 
 
+def test_cpu_mode_runs_the_comparisons_and_says_whether_they_paid(cpu_check):
+    """The comparison steps run after asv, one bench run each under runs/variants/NAME/: the
+    eager torch loop, the per-step timing, 4 trials one after the other and batched on torch-cpu
+    and on jax-cpu (XLA loop), and EPBENCH_JAX_UNROLL default, 1 and full; summary.md's "Did it pay" section
+    has one measured line per comparison."""
+    from epbench.results import read_table
+
+    _, folder, _ = cpu_check
+    steps = {s["name"]: s for s in json.loads((folder / "steps.json").read_text())}
+    names = list(steps)
+    jax = importlib.util.find_spec("jax") is not None
+    variants = ["bench-torch-cpu-eager", "bench-torch-cpu-per-step", "bench-torch-cpu-trials-sequential",
+                "bench-torch-cpu-trials-batched"]
+    jax_variants = ["bench-jax-cpu-trials-sequential", "bench-jax-cpu-trials-batched", "bench-jax-cpu-unroll-default",
+                    "bench-jax-cpu-unroll-1", "bench-jax-cpu-unroll-full"]
+    for name in variants + (jax_variants if jax else []):
+        assert steps[name]["status"] == "ok", (name, steps[name])
+        assert names.index(name) > names.index("asv")  # after every required step
+        (run,) = (folder / "runs" / "variants" / name).glob("*-bench-*")
+        assert read_table(run)["value"].notna().all()
+    def command(name: str) -> str:
+        return (folder / "logs" / f"{name}.log").read_text().splitlines()[0]
+
+    assert command("bench-torch-cpu-eager").startswith("$ EPBENCH_TORCH_GRAPHS=0 ")
+    assert " --per-step -m p-1h " in command("bench-torch-cpu-per-step")
+    summary = (folder / "summary.md").read_text()
+    section = summary[summary.index("## Did it pay"):]
+    assert "- CUDA graphs (torch-cpu, p-1h): eager " in section
+    assert "- speed-up over the official code's approach (p-1h): torch-cpu eager " in section
+    assert "- one relaxation step at batch 20 (torch-cpu, p-1h, 784-512-10): " in section
+    assert "about 55 µs per step" in section and "not measured in this check" in section
+    assert command("bench-torch-cpu-trials-batched").startswith("$ EPBENCH_BATCH_TRIALS=1 ")
+    assert "- batched vs sequential trials (torch-cpu, p-1h, 4 trials, per trial): sequential " in section
+    assert "- torch.compile: not built" in section
+    if jax:
+        table = {n: read_table(next((folder / "runs" / "variants" / n).glob("*-bench-*"))) for n in jax_variants}
+        assert set(table["bench-jax-cpu-unroll-1"]["implementation"]) == {"xla-loop:unroll=1"}
+        assert set(table["bench-jax-cpu-unroll-full"]["implementation"]) == {"xla-loop:unroll=full"}
+        assert set(table["bench-jax-cpu-unroll-default"]["implementation"]) == {"xla-loop"}
+        for n in ("bench-jax-cpu-trials-sequential", "bench-jax-cpu-trials-batched"):
+            assert table[n].loc[table[n].metric == "trials", "value"].tolist() == [4.0]
+        assert command("bench-jax-cpu-unroll-full").startswith("$ EPBENCH_JAX_NATIVE=0 EPBENCH_JAX_UNROLL=full ")
+        assert command("bench-jax-cpu-trials-batched").startswith("$ EPBENCH_JAX_NATIVE=0 EPBENCH_BATCH_TRIALS=1 ")
+        assert " --trials 4 -m p-1h -a ep " in command("bench-jax-cpu-trials-sequential")
+        assert "- unroll=1 vs default (jax-cpu, p-1h): " in section
+        assert "- unroll=full vs default (jax-cpu, p-1h): " in section
+        assert "- batched vs sequential trials (jax-cpu, p-1h, 4 trials, per trial): sequential " in section
+        assert "not measured" not in section.replace("not measured in this check", "")
+
+
+def test_did_it_pay_says_not_measured_for_missing_runs(tmp_path):
+    """A check whose comparison steps failed, timed out or were skipped still writes summary.md,
+    with "not measured" on each comparison line; skipped steps do not fail the check."""
+    gpu_check = load_script()
+    steps = [{"name": "bench-torch-cuda", "status": "failed", "seconds": 1.0, "detail": "exit status 1", "log": ""},
+             {"name": "bench-torch-cuda-eager", "status": "timeout", "seconds": 150.0, "detail": "killed", "log": ""},
+             {"name": "bench-torch-cuda-per-step", "status": "failed", "seconds": 1.0, "detail": "", "log": ""},
+             {"name": "bench-jax-cuda-trials-sequential", "status": "skipped", "seconds": 0.0, "detail": "", "log": ""},
+             {"name": "bench-jax-cuda-unroll-1", "status": "skipped", "seconds": 0.0, "detail": "", "log": ""}]
+    (tmp_path / "steps.json").write_text(json.dumps(steps))
+    (tmp_path / "runs" / "variants" / "bench-torch-cuda-eager").mkdir(parents=True)  # a run dir never written
+    gpu_check.write_summary(tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    section = summary[summary.index("## Did it pay"):]
+    for line in ("- CUDA graphs (torch-cuda): not measured", "- unroll=1 vs default (jax-cuda, p-1h): not measured",
+                 "- unroll=full vs default (jax-cuda, p-1h): not measured",
+                 "- batched vs sequential trials (jax-cuda, p-1h): not measured",
+                 "- speed-up over the official code's approach (p-1h): not measured",
+                 "- one relaxation step at batch 20 (torch-cuda, p-1h, 784-512-10): not measured"):
+        assert line in section, line
+    assert "**FAILED: bench-torch-cuda, bench-torch-cuda-eager, bench-torch-cuda-per-step**" in summary
+    # a fresh folder with nothing in it at all
+    (tmp_path / "empty").mkdir()
+    gpu_check.write_summary(tmp_path / "empty")
+    assert "## Did it pay" in (tmp_path / "empty" / "summary.md").read_text()
+
+
+def test_a_spent_budget_skips_optional_steps_without_failing(tmp_path, capsys):
+    gpu_check = load_script()
+    check = gpu_check.Check(tmp_path, budget_s=0)
+    assert check.run("bench-x-unroll-1", ["true"], 60, optional=True).status == "skipped"
+    assert check.failed() == []
+    assert check.run("table3-x", ["true"], 60).status == "not run"
+    assert [s.name for s in check.failed()] == ["table3-x"]
+
+
 def _perturbed_copy(run: Path, dest: Path, by: float) -> Path:
     """A copy of ``run`` with the RelMSE of one layer moved by ``by``."""
     from epbench.results import read_table, write_table

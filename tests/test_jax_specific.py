@@ -419,3 +419,91 @@ def test_fused_phases_under_batched_trials(fused, monkeypatch):
         pa, pb = jb.to_numpy(spec, a.params), jb.to_numpy(spec, b.params)
         for k in pa:
             np.testing.assert_allclose(pb[k], pa[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+# ----- EPBENCH_JAX_UNROLL: steps per loop iteration of the phases ----------------------------------
+UNROLL_MODELS = {"toy": SMALL_MODELS["toy"], "eb": SMALL_MODELS["eb"]}
+
+
+def _gdu_and_gradient(jb, spec, x, y):
+    """The GDU processes of EP and BPTT (with the first phase's state) and EP's training
+    gradient, in float64 at a small T and K."""
+    phase = PhaseSettings(T=11, K=4, beta=0.1, dtype="float64")
+    P = jb.from_numpy(spec, jb.init_params(spec, 2), "float64")
+    g = compute.gdu(jb, spec, P, x, y, phase)
+    return g.s_free, g.processes, compute.gradient(jb, spec, P, x, y, phase, "ep")
+
+
+@pytest.mark.parametrize("kind", sorted(UNROLL_MODELS))
+def test_unroll_setting_changes_nothing_but_the_loop(kind, monkeypatch):
+    """EPBENCH_JAX_UNROLL=1, 3 and full give the default's first phase, GDU processes (EP's and
+    BPTT's) and EP training gradient to 1e-12 in float64, and the backend's implementation
+    label names the setting (unset: the plain label)."""
+    spec = ModelSpec(**UNROLL_MODELS[kind])
+    x, y = small_batch(spec, 3, 8)
+    monkeypatch.delenv("EPBENCH_JAX_UNROLL", raising=False)
+    jb = load_backend("jax-cpu").__class__("cpu")  # one backend for all settings: the setting is in the cache key
+    ref_s, ref_p, ref_g = _gdu_and_gradient(jb, spec, x, y)
+    assert jb.pop_implementation() == "xla-loop"
+    for value in ("1", "3", "full"):
+        monkeypatch.setenv("EPBENCH_JAX_UNROLL", value)
+        s, processes, grad = _gdu_and_gradient(jb, spec, x, y)
+        assert jb.pop_implementation() == f"xla-loop:unroll={value}"
+        for a, b in zip(s, ref_s):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-12, err_msg=f"{value} first phase")
+        for alg in ("ep", "bptt"):
+            for i, (a, b) in enumerate(zip(processes[alg].s, ref_p[alg].s)):
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-12, err_msg=f"{value} {alg} s[{i}]")
+            for k in processes[alg].theta:
+                np.testing.assert_allclose(processes[alg].theta[k], ref_p[alg].theta[k], rtol=0, atol=1e-12,
+                                           err_msg=f"{value} {alg} theta[{k}]")
+        for k in grad:
+            np.testing.assert_allclose(grad[k], ref_g[k], rtol=0, atol=1e-12, err_msg=f"{value} ep gradient[{k}]")
+
+
+def test_unroll_setting_values_and_full_leaves_no_loop(monkeypatch):
+    """JaxOps.unroll: the defaults (free 4, pconv 2, nudged 1) when unset; N for every phase;
+    ``full`` at least any step count, and a phase traced with it has no while loop left."""
+    from epbench_jax.ops import FULL_UNROLL, OPS
+
+    p, pconv = ModelSpec(**SMALL_MODELS["p"]), ModelSpec(**SMALL_MODELS["pconv"])
+    monkeypatch.delenv("EPBENCH_JAX_UNROLL", raising=False)
+    assert [OPS.unroll(p, True), OPS.unroll(pconv, True), OPS.unroll(p, False)] == [4, 2, 1]
+    monkeypatch.setenv("EPBENCH_JAX_UNROLL", "8")
+    assert [OPS.unroll(p, True), OPS.unroll(pconv, True), OPS.unroll(p, False)] == [8, 8, 8]
+    monkeypatch.setenv("EPBENCH_JAX_UNROLL", " FULL ")
+    assert OPS.unroll(p, True) == OPS.unroll(p, False) == FULL_UNROLL
+
+    def traced() -> str:
+        def phase(s):  # a new function each time: jax.jit caches traces by function
+            return OPS.fori(25, lambda c: jnp.tanh(c) * 0.5 + 0.1, s, unroll=OPS.unroll(p, True))
+
+        return jax.jit(phase).lower(jnp.zeros(3)).as_text()
+
+    assert "while" not in traced()
+    monkeypatch.setenv("EPBENCH_JAX_UNROLL", "4")
+    assert "while" in traced()
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "2.5", "fast", "4x"])
+def test_bad_unroll_setting_is_a_clear_error(value, monkeypatch, capsys):
+    """A bad EPBENCH_JAX_UNROLL raises EpbenchError naming the variable (before any tracing),
+    which the CLI prints as one line with exit status 2."""
+    from epbench.cli import main
+    from epbench.errors import EpbenchError
+    from epbench_jax.ops import OPS
+
+    monkeypatch.setenv("EPBENCH_JAX_UNROLL", value)
+    spec = ModelSpec(**SMALL_MODELS["toy"])
+    with pytest.raises(EpbenchError, match=r"EPBENCH_JAX_UNROLL=.*positive integer.*'full'"):
+        OPS.unroll(spec, True)
+    jb = load_backend("jax-cpu").__class__("cpu")
+    x, _ = small_batch(spec, 2, 0)
+    with pytest.raises(EpbenchError, match="EPBENCH_JAX_UNROLL"):
+        compute.first_phase(jb, spec, jb.from_numpy(spec, jb.init_params(spec, 0), "float64"), x, 5)
+    if value != "0":
+        return  # the CLI once is enough
+    capsys.readouterr()
+    assert main(["bench", "-b", "jax-cpu", "-m", "p-1h", "-a", "ep", "--batches", "1", "--out", "/nonexistent-unused"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: EPBENCH_JAX_UNROLL='0': expected a positive integer")

@@ -288,8 +288,10 @@ def test_the_mode_comes_from_the_environment(monkeypatch):
         mode_from_env("cuda")
 
 
-def test_torch_cuda_uses_device_side_ops():
-    assert TorchBackend("cuda").ops.device_side and not TorchBackend("cpu").ops.device_side
+def test_torch_cuda_uses_device_side_ops_and_says_it_captures_per_shape():
+    cuda, cpu = TorchBackend("cuda"), TorchBackend("cpu")
+    assert cuda.ops.device_side and not cpu.ops.device_side
+    assert cuda.capabilities.compiles and not cpu.capabilities.compiles  # the runner's "first run of this shape" line
 
 
 @pytest.mark.parametrize("kind", ["p", "pconv"])

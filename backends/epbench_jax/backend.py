@@ -7,7 +7,9 @@ argument shapes and dtypes) and cached; compilation is timed apart from the run.
 phases of the one-hidden-layer models in float32 run as one call of a fused kernel where that is
 faster on this machine, measured once and remembered (:mod:`epbench_jax.native`;
 ``EPBENCH_JAX_NATIVE=1`` forces the kernel, ``=0`` the XLA loop); :meth:`JaxBackend.pop_implementation`
-reports which ran.
+reports which ran. ``EPBENCH_JAX_UNROLL`` sets the steps per loop iteration of the phases
+(:func:`epbench_jax.ops.unroll_setting`); it is read when a program is traced, and is part of
+the key of the compiled-program cache.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
-from epbench.backend import Availability, Backend, Capabilities
+from epbench.backend import Availability, Backend, Capabilities, batch_trials_from_env
 from epbench.errors import BackendUnavailable, EpbenchError
 from epbench.params import check_params
 from epbench.spec import ModelSpec
@@ -65,7 +67,7 @@ class JaxBackend(Backend):
         #: run the trials of a training experiment as one vmapped program
         #: (``epbench.training.train_epochs``); on XLA's CPU backend the batched products are
         #: slower than the plain ones, hence off by default
-        self.batch_trials = os.environ.get("EPBENCH_BATCH_TRIALS", "") == "1"
+        self.batch_trials = batch_trials_from_env()
         #: implementations of the phases run since the last pop_implementation()
         self._implementations: set[str] = set()
 
@@ -112,9 +114,13 @@ class JaxBackend(Backend):
     def pop_implementation(self) -> str:
         """``xla-loop``, ``fused-cpp`` or ``fused-cpp+xla-loop``: how the phases of the calls
         since the previous call ran (``native.chosen``; a program without a phase the kernel
-        handles counts as ``xla-loop``). ``xla-loop`` when nothing ran."""
+        handles counts as ``xla-loop``). ``xla-loop`` when nothing ran. Where
+        ``EPBENCH_JAX_UNROLL`` was set when a program was traced, its loop label says so:
+        ``xla-loop:unroll=8``, ``xla-loop:unroll=full``."""
+        from epbench_jax.ops import unroll_label
+
         used, self._implementations = self._implementations, set()
-        return "+".join(sorted(used)) or "xla-loop"
+        return "+".join(sorted(used)) or "xla-loop" + unroll_label()
 
     # ----- parameters -------------------------------------------------------------------------
     def from_numpy(self, spec: ModelSpec, params: Mapping[str, np.ndarray], dtype: str) -> dict:
@@ -177,10 +183,13 @@ class JaxBackend(Backend):
         from epbench_jax import native
         from epbench_jax.dynamics import fused_phases
 
+        from epbench_jax.ops import unroll_label
+
         jax = _jax()
         how = native.mode() if self.platform == "cpu" else "loop"
+        unroll = unroll_label()  # EPBENCH_JAX_UNROLL, read (and checked) before tracing
         leaves, tree = jax.tree.flatten(args)
-        sig = (key, self.platform, how, tree, tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves))
+        sig = (key, self.platform, how, unroll, tree, tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves))
         compile_s = 0.0
         cached = self._cache.get(sig)
         if cached is None:
@@ -188,7 +197,7 @@ class JaxBackend(Backend):
             with fused_phases(how != "loop"), native.recording() as used:
                 exe = jax.jit(build()).lower(*args).compile()
             compile_s = time.perf_counter() - t0
-            cached = self._cache[sig] = (exe, used or {native.LOOP})
+            cached = self._cache[sig] = (exe, {i + unroll if i == native.LOOP else i for i in used or {native.LOOP}})
         exe, implementation = cached
         self._implementations |= implementation
         t0 = time.perf_counter()

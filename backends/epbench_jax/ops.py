@@ -16,11 +16,13 @@ pad chains). A kernel is taken in the two matrix forms once per batch (:meth:`Ja
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from epbench.errors import EpbenchError
 from epbench.ops import Ops
 
 #: full float32 precision for every product (no TF32 on GPUs)
@@ -173,6 +175,37 @@ def unpool(v, idx, p: int, side: int):
     return z
 
 
+# ----- the unroll setting -----------------------------------------------------------------------
+#: environment variable: steps per loop iteration of every phase (a positive integer, or
+#: ``full``: no loop at all); unset, :meth:`JaxOps.unroll`'s defaults
+UNROLL_ENV = "EPBENCH_JAX_UNROLL"
+
+#: what ``full`` unrolls to: more than any phase's step count (:meth:`JaxOps.fori` clamps it to n)
+FULL_UNROLL = 2 ** 31 - 1
+
+
+def unroll_setting() -> int | str | None:
+    """``EPBENCH_JAX_UNROLL`` as read now: None (unset or empty: the defaults), a positive int,
+    or ``"full"``; any other value raises :class:`~epbench.errors.EpbenchError`. It is read
+    when a program is traced (compiled), not when it runs."""
+    raw = os.environ.get(UNROLL_ENV, "").strip()
+    if not raw:
+        return None
+    if raw.lower() == "full":
+        return "full"
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    raise EpbenchError(f"{UNROLL_ENV}={raw!r}: expected a positive integer (steps per loop iteration) "
+                       "or 'full' (no loop), or leave it unset for the defaults")
+
+
+def unroll_label() -> str:
+    """The suffix of the backend's implementation label for the current setting:
+    ``:unroll=N`` / ``:unroll=full``, or ``""`` when the variable is unset."""
+    setting = unroll_setting()
+    return "" if setting is None else f":unroll={setting}"
+
+
 # ----- the Ops ------------------------------------------------------------------------------------
 def _restructured(pullback, out):
     """``pullback`` taking a cotangent of any sequence type (tuple or list) for the primal
@@ -202,7 +235,14 @@ class JaxOps(Ops):
         return (res[0], _restructured(res[1], res[0]), *res[2:])
 
     def unroll(self, spec, free: bool) -> int:
-        """Free phases: 4 steps per loop iteration (2 for pconv, whose steps are large); nudged: 1."""
+        """Steps per loop iteration of a phase. By default, free phases: 4 (2 for pconv, whose
+        steps are large); nudged: 1. ``EPBENCH_JAX_UNROLL=N`` (:func:`unroll_setting`): N for
+        every phase; ``full``: every phase fully unrolled (no loop)."""
+        setting = unroll_setting()
+        if setting == "full":
+            return FULL_UNROLL
+        if setting is not None:
+            return setting
         return (2 if spec.kind == "pconv" else 4) if free else 1
 
     def pullback_stacked(self, pullback, cotangents, batched: bool = True):

@@ -67,13 +67,14 @@ class TorchBackend(Backend):
     """EP and BPTT on PyTorch, on the CPU (``torch-cpu``) or one CUDA device (``torch-cuda``)."""
 
     framework = "torch"
-    capabilities = Capabilities()
 
     def __init__(self, device: str = "cpu"):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
         self.device_kind = device
         self.name = f"torch-{device}"
+        #: torch-cuda captures a CUDA graph for each new program shape on first use
+        self.capabilities = Capabilities(compiles=device == "cuda")
         self._ops = None
         #: the trials of a training experiment as one ``torch.func.vmap``ped program
         #: (``EPBENCH_BATCH_TRIALS=1``; the ops are then functional, :class:`TorchOps`)
