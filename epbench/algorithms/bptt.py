@@ -86,7 +86,7 @@ def prop4(ops, dyn, states, s_T, y, per_step: bool):
         gs, raw = dyn.vjp(s, g)
         return gs, (batch_sum(gs), raw)
 
-    # outputs in the time order of ``states`` (index j: t = n − j), flipped to t = 1..n; row t = 0: ∇θ(0) = 0
-    _, ys = ops.scan(body, g0, states, reverse=True)
-    bptt_s, raws = ops.concat_front((batch_sum(g0), dyn.zero_raw()), ops.tree_map(lambda v: xp.flip(v, axis=0), ys))
+    # the states flipped to s_{T−1}, ..., s_{T−n}, so the outputs come in the order t = 1..n; row t = 0: ∇θ(0) = 0
+    backwards = ops.tree_map(lambda v: xp.flip(v, axis=0), states)
+    _, (bptt_s, raws) = ops.scan(body, g0, backwards, first_y=(batch_sum(g0), dyn.zero_raw()))
     return bptt_s, dyn.theta_grad(raws, stacked=True)  # linear: one map over every t
