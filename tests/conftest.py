@@ -48,3 +48,34 @@ def load_backend(name: str):
 def backend(request):
     """Each built-in CPU backend in turn."""
     return load_backend(request.param)
+
+
+def assert_batched_trials_train_as_alone(batched, alone, spec, atol: float):
+    """Three trials trained together on ``batched`` (its ``batch_trials`` on: one mapped program)
+    end as each trained alone on ``alone``, in float64 to ``atol`` (a mapped program may sum in
+    another order), for EP and BPTT; the third trial, whose first weight is NaN, diverges alone.
+    Four full batches of 5 and a short one."""
+    import numpy as np
+
+    from epbench import training
+    from epbench.spec import PhaseSettings, TrainSettings
+
+    rng = np.random.default_rng(0)
+    n_in = int(np.prod(spec.input_shape))
+    xs = [rng.uniform(0, 1, (23, n_in)) for _ in range(3)]
+    labels = [rng.integers(0, spec.n_out, 23) for _ in range(3)]
+    phase = PhaseSettings(T=12, K=4, beta=0.2, dtype="float64")
+    train = TrainSettings(lrs=(0.2,) * len(spec.state_shapes), batch_size=5)
+    start = [alone.init_params(spec, seed) for seed in range(3)]
+    start[2][next(iter(start[2]))].flat[0] = np.nan
+    params = [alone.from_numpy(spec, p, "float64") for p in start]
+    for algorithm in ("ep", "bptt"):
+        together = training.train_epochs(batched, spec, params, xs, labels, phase, train, algorithm)
+        one_by_one = [training.train_epochs(alone, spec, [p], [x], [lab], phase, train, algorithm)[0]
+                      for p, x, lab in zip(params, xs, labels)]
+        assert [r.diverged for r in together] == [r.diverged for r in one_by_one] == [False, False, True]
+        for a, b in zip(one_by_one[:2], together[:2]):
+            assert a.train_error == b.train_error
+            pa, pb = alone.to_numpy(spec, a.params), batched.to_numpy(spec, b.params)
+            for k in pa:
+                np.testing.assert_allclose(pb[k], pa[k], rtol=0, atol=atol, err_msg=f"{algorithm} {k}")
