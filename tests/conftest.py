@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
+
+# The Ctrl-C tests need SIGINT delivered: a command started in the background of a
+# non-interactive shell inherits it ignored, and so would every process the tests start.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the main thread: nothing to restore here
+        pass
 
 
 def selected_backends(default: list[str]) -> list[str]:
