@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -286,6 +287,21 @@ def test_the_mode_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("EPBENCH_TORCH_GRAPHS", "yes")
     with pytest.raises(EpbenchError, match="use 0 .eager., 1"):
         mode_from_env("cuda")
+
+
+def test_a_bad_graph_setting_stops_a_run_before_its_first_cell(tmp_path, monkeypatch, capsys):
+    """The runner asks the backend for its implementation before the first experiment, which
+    reads EPBENCH_TORCH_GRAPHS: one line, exit status 2, no rows."""
+    from epbench.cli import main
+
+    monkeypatch.setenv("EPBENCH_TORCH_GRAPHS", "yes")
+    capsys.readouterr()
+    assert main(["-q", "run", "table3", "--quick", "--only", "toy", "-b", "torch-cpu", "--out", str(tmp_path),
+                 "--no-report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: EPBENCH_TORCH_GRAPHS='yes': use 0 (eager), 1")
+    (table,) = tmp_path.glob("*/results.parquet")
+    assert len(pd.read_parquet(table)) == 0
 
 
 def test_torch_cuda_uses_device_side_ops_and_says_it_captures_per_shape():

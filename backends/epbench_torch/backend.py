@@ -89,7 +89,7 @@ class TorchBackend(Backend):
     def pop_implementation(self) -> str:
         """``eager`` (one kernel launch per operation of each step), ``cuda-graph`` (the program
         replayed as one CUDA graph, :mod:`epbench_torch.graphs`) or both joined by "+"."""
-        return self.runner.pop_used() if self.runner is not None else "eager"
+        return self._runner().pop_used()
 
     # ----- discovery ----------------------------------------------------------------------
     def availability(self, probe: bool = False) -> Availability:
@@ -181,12 +181,18 @@ class TorchBackend(Backend):
         on CUDA as a replayed CUDA graph where that is faster (:mod:`epbench_torch.graphs`)."""
         import torch
 
+        with torch.no_grad():
+            return self._runner().run(key, build, args)
+
+    def _runner(self):
+        """The :class:`~epbench_torch.graphs.GraphRunner`, made on first use (the runner asks for
+        the implementation before an experiment, so a bad ``EPBENCH_TORCH_GRAPHS`` stops a run
+        before its first cell)."""
         if self.runner is None:
             from epbench_torch.graphs import GraphRunner, mode_from_env
 
             self.runner = GraphRunner(mode_from_env(self.device_kind), synchronize=self.synchronize)
-        with torch.no_grad():
-            return self.runner.run(key, build, args)
+        return self.runner
 
     @staticmethod
     def _np(t) -> np.ndarray:
