@@ -242,19 +242,27 @@ def test_a_capture_is_kept_per_argument_shapes_and_the_oldest_dropped():
     assert batches == [4, 5]
 
 
-def test_measure_mode_keeps_one_implementation_per_program():
+def test_measure_mode_runs_a_first_call_eagerly_then_keeps_the_faster():
+    """A program called once is never captured; on its second call both ways are timed and the
+    faster serves every later call."""
+    from epbench_torch.graphs import SEEN, Captured
+
     spec = ModelSpec(**SMALL_MODELS["toy"])
     b = _graph_backend("measure")
     params = b.from_numpy(spec, b.init_params(spec, 0), "float64")
     x = _data(spec, 4)[0]
     first = compute.first_phase(b, spec, params, x, 7)
+    assert list(b.runner.cache.values()) == [SEEN] and b.pop_implementation() == "eager"
+    second = compute.first_phase(b, spec, params, x, 7)
     (entry,) = b.runner.cache.values()
+    assert entry is None or isinstance(entry, Captured)
     label = b.pop_implementation()
     assert label == ("eager" if entry is None else "cuda-graph")
-    again = compute.first_phase(b, spec, params, x, 7)
+    third = compute.first_phase(b, spec, params, x, 7)
     assert b.pop_implementation() == label
-    for a, c in zip(first, again):
+    for a, c, d in zip(first, second, third):
         np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(a, d)
 
 
 def test_a_failed_capture_runs_eagerly_or_fails_in_one_line_when_forced():
@@ -264,6 +272,7 @@ def test_a_failed_capture_runs_eagerly_or_fails_in_one_line_when_forced():
     b = _graph_backend("measure", graphs=broken)
     params = b.from_numpy(spec, b.init_params(spec, 0), "float64")
     x = _data(spec, 4)[0]
+    compute.first_phase(b, spec, params, x, 6)  # a first call runs eagerly, capturing nothing
     with pytest.warns(RuntimeWarning, match="capture of the first_phase program failed"):
         got = compute.first_phase(b, spec, params, x, 6)
     assert b.pop_implementation() == "eager"
