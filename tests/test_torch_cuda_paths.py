@@ -300,9 +300,12 @@ def test_the_mode_comes_from_the_environment(monkeypatch):
 
 def test_a_bad_graph_setting_stops_a_run_before_its_first_cell(tmp_path, monkeypatch, capsys):
     """The runner asks the backend for its implementation before the first experiment, which
-    reads EPBENCH_TORCH_GRAPHS: one line, exit status 2, no rows."""
+    reads EPBENCH_TORCH_GRAPHS (once per process, when the backend first needs its graph runner):
+    one line, exit status 2, no rows."""
     from epbench.cli import main
+    from epbench.plugins import registry
 
+    monkeypatch.setattr(registry().backends["torch-cpu"], "runner", None)  # as in a new process
     monkeypatch.setenv("EPBENCH_TORCH_GRAPHS", "yes")
     capsys.readouterr()
     assert main(["-q", "run", "table3", "--quick", "--only", "toy", "-b", "torch-cpu", "--out", str(tmp_path),

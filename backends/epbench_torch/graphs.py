@@ -43,7 +43,8 @@ _MISSING = object()
 
 
 def mode_from_env(device_kind: str) -> str:
-    """``measure``, ``graph`` or ``eager`` from ``EPBENCH_TORCH_GRAPHS``; always ``eager`` on the CPU."""
+    """``measure``, ``graph`` or ``eager`` from ``EPBENCH_TORCH_GRAPHS``; always ``eager`` on the CPU.
+    Read once per backend, when it first needs its :class:`GraphRunner`."""
     value = os.environ.get("EPBENCH_TORCH_GRAPHS", "").strip()
     if value not in MODES:
         raise EpbenchError(f"EPBENCH_TORCH_GRAPHS={value!r}: use 0 (eager), 1 (CUDA graphs) or leave it "
