@@ -37,8 +37,6 @@ from epbench.ops import tree_leaves, tree_map
 MODES = {"": "measure", "0": "eager", "1": "graph"}
 #: captured programs kept (least recently used dropped first: each holds its own memory pool)
 CACHE_SIZE = 16
-#: cache entry of a program run once, eagerly (``measure``: it is raced on its second call)
-SEEN = "seen"
 _MISSING = object()
 
 
@@ -123,8 +121,11 @@ class GraphRunner:
         self.graphs = graphs
         self.synchronize = synchronize
         self.cache_size = cache_size
-        #: (key, signature) → Captured, None where eager was measured faster, or SEEN
+        #: (key, signature) → Captured, or None where eager was measured faster (or capture failed)
         self.cache: collections.OrderedDict = collections.OrderedDict()
+        #: (key, signature) of the programs run once so far (``measure``: raced on their second call);
+        #: kept apart so that one-off programs never evict a capture
+        self.seen: set = set()
         #: implementations used since the last ``pop_used()``
         self.used: set[str] = set()
         self._warned = False
@@ -155,8 +156,8 @@ class GraphRunner:
             return out, {"compile_s": 0.0, "run_s": run_s}
         if entry is None:  # eager was measured faster
             return self._eager(build, args)
-        if entry is _MISSING and self.mode == "measure":  # a first call: eager, and nothing more
-            self._store(sig, SEEN)
+        if self.mode == "measure" and sig not in self.seen:  # a first call: eager, and nothing more
+            self.seen.add(sig)
             return self._eager(build, args)
         return self._capturing_call(sig, key, build(), args)
 
